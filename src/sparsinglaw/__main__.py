@@ -1,0 +1,3 @@
+from sparsinglaw.cli import main
+
+main()
