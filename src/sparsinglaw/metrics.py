@@ -1,0 +1,183 @@
+"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (SPEC section 2).
+
+Conventions: h is the input of the down projection (m tokens x d_f), s the activation output,
+`norms` the fp32 column norms of W_down, so neuron i's output norm is a_i = |h_i| * norms_i.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+GRID_POINTS = 65536  # the authors' candidate count per layer
+QUANTILE_MAX = 2**24  # torch.quantile's input limit: the authors subsample with a stride to fit it
+
+
+# --- keep-masks of the four metrics (True = neuron kept) -------------------------------------------
+
+def keep_zero(s: torch.Tensor) -> torch.Tensor:
+    return s != 0
+
+
+def keep_fat(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """FAT-eps: D = {i : |s_i| < eps}, on the activation output s (not on h)."""
+    return s.abs() >= eps
+
+
+def topk_pooled_threshold(s: torch.Tensor, k: float) -> torch.Tensor:
+    """|s| value of the k-quantile from the top over the whole (tokens x d_f) tensor (authors' code)."""
+    flat = s.detach().abs().flatten()
+    keep = max(1, min(flat.numel(), round(k * flat.numel())))
+    return flat.float().kthvalue(flat.numel() - keep + 1).values
+
+
+def keep_topk_pooled(s: torch.Tensor, k: float) -> torch.Tensor:
+    return s.abs() >= topk_pooled_threshold(s, k).to(s.dtype)
+
+
+def keep_topk_per_token(s: torch.Tensor, k: float) -> torch.Tensor:
+    """Top-k per token: keep the round(k * d_f) largest |s_i| of every token (the paper's prose)."""
+    kk = max(1, min(s.shape[-1], round(k * s.shape[-1])))
+    idx = s.abs().topk(kk, dim=-1).indices
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """CETT: a neuron is weak (dropped) when its output norm |h_i| * ||W_down[:, i]|| is <= t."""
+    return h.abs().float() * norms > t
+
+
+# --- CETT on one batch's dense intermediates --------------------------------------------------------
+
+@dataclass
+class DenseLayers:
+    """One batch's dense FFN intermediates for every layer, enough to evaluate CETT at any threshold.
+
+    h: (L, m, d_f) in the model dtype; w: (L, d_h, d_f); norms: (L, d_f) fp32; y_norm: (L, m) fp32 =
+    ||W_down h|| per token. Memory is bounded by the batch, never by the whole evaluation set.
+    """
+
+    h: torch.Tensor
+    w: torch.Tensor
+    norms: torch.Tensor
+    y_norm: torch.Tensor
+
+    @classmethod
+    def build(cls, hs: list[torch.Tensor], w: torch.Tensor, norms: torch.Tensor) -> DenseLayers:
+        """hs: each layer's (m, d_f) h; w: (L, d_h, d_f) stacked down projections; norms: (L, d_f)."""
+        h = torch.stack(hs)
+        w = w.to(h.dtype)
+        y_norm = torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(h, w)])
+        return cls(h=h, w=w, norms=norms.float(), y_norm=y_norm)
+
+    @property
+    def n_layers(self) -> int:
+        return self.h.shape[0]
+
+    def cett(self, layers: torch.Tensor, t: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
+        """Mean over tokens of ||sum_{a_i <= t} n_i|| / ||y|| for each (layer, threshold) pair."""
+        m, d_f = self.h.shape[1], self.h.shape[2]
+        chunk = max(1, budget // max(1, len(layers) * d_f))
+        w_t = self.w[layers].transpose(1, 2)
+        norms = self.norms[layers][:, None, :]
+        tt = t.float()[:, None, None]
+        total = torch.zeros(len(layers), device=self.h.device, dtype=torch.float32)
+        for lo in range(0, m, chunk):
+            hc = self.h[layers, lo:lo + chunk]
+            weak = hc * (hc.abs().float() * norms <= tt).to(hc.dtype)
+            e = _rownorm(torch.bmm(weak, w_t)) / self.y_norm[layers, lo:lo + chunk]
+            total += e.sum(dim=1)
+        return total / m
+
+    def grids(self) -> torch.Tensor:
+        """The authors' candidates per layer: 65,536 points from min(a) to the 0.99 quantile of a
+        strided subsample of a."""
+        out = []
+        for h, norms in zip(self.h, self.norms):
+            out.append(reference_grid(h.abs().float() * norms))
+        return torch.stack(out)
+
+
+def _rownorm(x: torch.Tensor) -> torch.Tensor:
+    return x.float().norm(dim=-1)
+
+
+def reference_grid(a: torch.Tensor) -> torch.Tensor:
+    flat = a.flatten()
+    stride = max(1, math.ceil(flat.numel() / QUANTILE_MAX))
+    hi = torch.quantile(flat[::stride].float(), 0.99)
+    return torch.linspace(flat.min().item(), hi.item(), GRID_POINTS, device=a.device, dtype=torch.float32)
+
+
+def reference_layer_threshold(h: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, tau: float) -> float:
+    """The authors' per-layer search, quirks included (SPEC section 2): one masked product and one
+    host sync per bisection step; returns the candidate just below the first whose CETT exceeds tau,
+    wrapping to the largest candidate when even the smallest exceeds tau; no guard for ||y|| = 0."""
+    a = h.abs().float() * norms
+    grid = reference_grid(a)
+    y_norm = (h @ w.t()).float().norm(dim=-1)
+    lo, hi = 0, GRID_POINTS - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        weak = h * (a <= grid[mid]).to(h.dtype)
+        cett = ((weak @ w.t()).float().norm(dim=-1) / y_norm).mean().item()
+        if cett > tau:
+            hi = mid
+        else:
+            lo = mid + 1
+    return grid[lo - 1].item()
+
+
+class ThresholdSearch:
+    """Per-layer CETT thresholds of one batch for any tau: the authors' grid and bisection, but all layers
+    at once (one host sync per step for every layer) and memoised, so later taus reuse earlier CETT
+    evaluations as a bracket and need only a few new masked products.
+
+    Differs from the reference in one guard: when even the smallest candidate exceeds tau, the layer
+    keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.
+    """
+
+    def __init__(self, dense: DenseLayers):
+        self.dense = dense
+        self.grid = dense.grids()  # (L, N)
+        n = dense.n_layers
+        self.known_idx: list[list[int]] = [[] for _ in range(n)]
+        self.known_val: list[list[float]] = [[] for _ in range(n)]
+        self.evaluations = 0
+
+    def _bracket(self, layer: int, tau: float) -> tuple[int, int]:
+        lo, hi = 0, GRID_POINTS - 1
+        for i, c in zip(self.known_idx[layer], self.known_val[layer]):
+            if c > tau:
+                hi = min(hi, i)
+            else:
+                lo = max(lo, i + 1)
+        return lo, min(hi, GRID_POINTS - 1) if hi >= lo else lo
+
+    def thresholds(self, tau: float) -> torch.Tensor:
+        n = self.dense.n_layers
+        lo = np.zeros(n, dtype=np.int64)
+        hi = np.zeros(n, dtype=np.int64)
+        for layer in range(n):
+            lo[layer], hi[layer] = self._bracket(layer, tau)
+        while (lo < hi).any():
+            active = np.nonzero(lo < hi)[0]
+            mid = (lo[active] + hi[active]) // 2
+            layers = torch.as_tensor(active, device=self.grid.device)
+            t = self.grid[layers, torch.as_tensor(mid, device=self.grid.device)]
+            vals = self.dense.cett(layers, t).tolist()
+            self.evaluations += len(active)
+            for layer, i, c in zip(active.tolist(), mid.tolist(), vals):
+                self.known_idx[layer].append(i)
+                self.known_val[layer].append(c)
+                if c > tau:
+                    hi[layer] = i
+                else:
+                    lo[layer] = i + 1
+        idx = torch.as_tensor(lo - 1, device=self.grid.device)
+        t = self.grid.gather(1, idx.clamp(min=0)[:, None])[:, 0]
+        # a = 0 neurons contribute nothing, so threshold 0 keeps every neuron that matters
+        return torch.where(idx < 0, torch.zeros_like(t), t)

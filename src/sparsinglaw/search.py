@@ -1,0 +1,306 @@
+"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model (SPEC section 2).
+
+Two searches give the same answer:
+- `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes
+  the dense pass, every per-layer 65,536-point search and a sparse pass).
+- `fast_search` (default): the dense pass and the per-layer CETT statistics do not depend on tau, so they
+  are done once per batch; per-layer searches are batched over layers and memoised across taus; tau is
+  found by a safeguarded secant on log-log coordinates in a handful of sparse passes. Memory is bounded
+  by `calib_tokens` (dense intermediates held at once), never by the number of evaluation tokens: batches
+  beyond it are streamed at the found tau (dense pass, search and sparse pass, then freed).
+
+Both use the per-batch regime the paper's numbers use (thresholds re-searched on every batch) and the
+authors' aggregation: the PPL ratio is the mean over batches of exp(loss_sparse - loss_dense).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsinglaw.errors import UserError
+from sparsinglaw.metrics import DenseLayers, ThresholdSearch, reference_layer_threshold
+from sparsinglaw.sparse import Model, PassResult, Rule, run_pass
+
+
+@dataclass
+class Evaluation:
+    """Everything measured at one tau over a set of batches."""
+
+    tau: float
+    ppl_ratio: float  # mean over batches of exp(loss_sparse - loss_dense)
+    loss_dense: float  # mean over batches
+    loss_sparse: float
+    kept: torch.Tensor  # (L,) kept (token, neuron) pairs
+    tokens: int
+    d_ff: int
+    thresholds: torch.Tensor  # (batches, L) per-batch layer thresholds
+    batch_ratios: list[float] = field(default_factory=list)
+    neuron_kept: torch.Tensor | None = None
+    token_ratio: torch.Tensor | None = None
+
+    @property
+    def layer_ratio(self) -> torch.Tensor:
+        return (self.kept / (self.tokens * self.d_ff)).cpu()
+
+    @property
+    def activation_ratio(self) -> float:
+        return float(self.layer_ratio.mean())
+
+    def brief(self) -> dict:
+        return {"tau": self.tau, "ppl_ratio": self.ppl_ratio, "activation_ratio": self.activation_ratio}
+
+
+@dataclass
+class SearchResult:
+    method: str
+    tau: float
+    target: float
+    evaluation: Evaluation
+    history: list[dict]
+    forward_passes: int  # batch forward passes, dense and sparse
+    full_passes: float  # the same in passes over the whole evaluation set
+    masked_products: int  # per-layer masked (m x d_f)(d_f x d_h) products for CETT
+    seconds: float
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "tau": self.tau, "target_ppl_ratio": self.target,
+                "evaluations": len(self.history), "forward_passes": self.forward_passes,
+                "full_passes": self.full_passes, "masked_products": self.masked_products,
+                "seconds": self.seconds, "history": self.history, "message": self.message}
+
+
+class _Counter:
+    def __init__(self, n_batches: int):
+        self.passes = 0
+        self.products = 0
+        self.n_batches = n_batches
+
+
+def _combine(tau: float, parts: list[tuple[float, PassResult, torch.Tensor]]) -> Evaluation:
+    """Merge per-batch (dense loss, sparse pass, thresholds) into one Evaluation."""
+    ratios = [math.exp(r.loss - dl) for dl, r, _ in parts]
+    first = parts[0][1]
+    ev = Evaluation(
+        tau=tau, ppl_ratio=sum(ratios) / len(ratios),
+        loss_dense=sum(dl for dl, _, _ in parts) / len(parts),
+        loss_sparse=sum(r.loss for _, r, _ in parts) / len(parts),
+        kept=sum(r.kept for _, r, _ in parts), tokens=sum(r.tokens for _, r, _ in parts), d_ff=first.d_ff,
+        thresholds=torch.stack([t.float().cpu() for _, _, t in parts]), batch_ratios=ratios,
+        token_ratio=first.token_ratio.cpu() if first.token_ratio is not None else None)
+    if first.neuron_kept is not None:
+        ev.neuron_kept = sum(r.neuron_kept for _, r, _ in parts).cpu()
+    return ev
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def check_p(p: float) -> float:
+    if not (p > 0 and math.isfinite(p)):
+        raise UserError(f"--p must be a positive percentage (got {p}); e.g. --p 1 for CETT-PPL-1%")
+    return 1.0 + p / 100.0
+
+
+# --- the root finder ----------------------------------------------------------------------------------
+
+def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = 1e-4, tau0: float = 0.1,
+              max_evals: int = 40) -> tuple[Evaluation, str]:
+    """Find tau with PPL ratio = target (|ratio/target - 1| <= ftol).
+
+    PPL ratio rises with tau roughly as ln F ~ c * tau^k, so a secant on (ln tau, ln ln F) is nearly
+    linear; it is safeguarded by a bracket (Illinois-style) and falls back to bisection in ln tau.
+    """
+    lt = math.log(target)
+    evals: list[Evaluation] = []
+
+    def run(tau: float) -> Evaluation:
+        ev = evaluate(tau)
+        evals.append(ev)
+        return ev
+
+    def g(ev: Evaluation) -> float:
+        return math.log(ev.ppl_ratio) - lt
+
+    def y(ev: Evaluation) -> float:  # near-linear in ln tau when ln F > 0
+        return math.log(max(math.log(ev.ppl_ratio), 1e-12))
+
+    def done(ev: Evaluation) -> bool:
+        return abs(ev.ppl_ratio / target - 1) <= ftol
+
+    ev = run(tau0)
+    if done(ev):
+        return ev, ""
+    lo, hi = (ev, None) if g(ev) < 0 else (None, ev)
+    # 1. bracket: extrapolate with slope k = 2 in log-log, at most x10 per step
+    while (lo is None or hi is None) and len(evals) < max_evals:
+        cur = lo if hi is None else hi
+        if hi is None and cur.tau >= 1.0:
+            return cur, f"even tau = 1 keeps the PPL ratio at {cur.ppl_ratio:.4f} < target {target:.4f}"
+        if lo is None and cur.tau <= 1e-7:
+            return cur, "even tau = 1e-7 exceeds the target PPL ratio"
+        step = math.exp((math.log(lt) - y(cur)) / 2.0) if math.log(cur.ppl_ratio) > 1e-9 else 10.0
+        step = min(10.0, max(0.1, step))
+        ev = run(min(1.0, cur.tau * step) if hi is None else max(1e-7, cur.tau * step))
+        if done(ev):
+            return ev, ""
+        if g(ev) < 0:
+            lo = ev if lo is None or ev.tau > lo.tau else lo
+        else:
+            hi = ev if hi is None or ev.tau < hi.tau else hi
+    # 2. safeguarded secant inside [lo, hi]; an end kept twice in a row has its value halved (Illinois)
+    kept_lo = kept_hi = 0
+    while lo is not None and hi is not None and len(evals) < max_evals:
+        xa, xb = math.log(lo.tau), math.log(hi.tau)
+        if xb - xa < 1e-9:
+            break
+        if math.log(lo.ppl_ratio) > 1e-9:
+            ya, yb, yt = y(lo), y(hi), math.log(lt)
+        else:
+            ya, yb, yt = g(lo), g(hi), 0.0
+        ya = yt + (ya - yt) / 2 ** max(0, kept_lo - 1)
+        yb = yt + (yb - yt) / 2 ** max(0, kept_hi - 1)
+        x = xa + (yt - ya) * (xb - xa) / (yb - ya) if yb != ya else (xa + xb) / 2
+        margin = 0.02 * (xb - xa)
+        ev = run(math.exp(min(max(x, xa + margin), xb - margin)))
+        if done(ev):
+            return ev, ""
+        if g(ev) < 0:
+            lo, kept_lo, kept_hi = ev, 0, kept_hi + 1
+        else:
+            hi, kept_hi, kept_lo = ev, 0, kept_lo + 1
+    best = min(evals, key=lambda e: abs(e.ppl_ratio / target - 1))
+    return best, f"stopped after {len(evals)} evaluations; closest PPL ratio {best.ppl_ratio:.5f}"
+
+
+# --- fast search ----------------------------------------------------------------------------------------
+
+class _BatchState:
+    """One batch's dense loss and memoised per-layer threshold search."""
+
+    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: _Counter):
+        dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
+        counter.passes += 1
+        self.ids = ids
+        self.loss_dense = dense.loss
+        self.search = ThresholdSearch(DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack))
+
+
+def _evaluate_states(m: Model, states: list[_BatchState], tau: float, positions: str, counter: _Counter,
+                     detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+    parts = []
+    for st in states:
+        before = st.search.evaluations
+        th = st.search.thresholds(tau)
+        counter.products += st.search.evaluations - before
+        r = run_pass(m, st.ids, Rule("cett", thresholds=th), positions, detail=detail)
+        counter.passes += 1
+        parts.append((st.loss_dense, r, th))
+    return parts
+
+
+def _stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, counter: _Counter,
+            detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+    """Batches beyond the calibration budget: dense pass, thresholds, sparse pass, then freed."""
+    parts = []
+    for ids in batches:
+        st = _BatchState(m, ids, positions, counter)
+        parts += _evaluate_states(m, [st], tau, positions, counter, detail)
+        del st
+    return parts
+
+
+def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> tuple[list, list]:
+    if calib_tokens is None:
+        return batches, []
+    n, tot = 0, 0
+    for b in batches:
+        if n and tot + b.numel() > calib_tokens:
+            break
+        n, tot = n + 1, tot + b.numel()
+    return batches[:n], batches[n:]
+
+
+def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
+                calib_tokens: int | None = None, ftol: float = 1e-4, tau0: float = 0.1,
+                progress: bool = True) -> SearchResult:
+    target = check_p(p)
+    t0 = time.perf_counter()
+    counter = _Counter(len(batches))
+    calib, rest = split_calibration(batches, calib_tokens)
+    _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
+         + (f", {len(rest)} more batches streamed" if rest else ""), progress)
+    states = [_BatchState(m, ids, positions, counter) for ids in calib]
+    history: list[dict] = []
+
+    def evaluate(tau: float, stream_target: float | None = None) -> Evaluation:
+        ev = _combine(tau, _evaluate_states(m, states, tau, positions, counter, detail=True))
+        history.append({**ev.brief(), "batches": len(states)})
+        _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}", progress)
+        return ev
+
+    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0)
+    calib_ev = ev
+    if rest:
+        # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance
+        for _ in range(3):
+            parts = _evaluate_states(m, states, ev.tau, positions, counter, detail=True)
+            parts += _stream(m, rest, ev.tau, positions, counter, detail=True)
+            full = _combine(ev.tau, parts)
+            history.append({**full.brief(), "batches": len(batches)})
+            _say(f"  all {len(batches)} batches at tau={ev.tau:.6f}: ppl_ratio={full.ppl_ratio:.5f}", progress)
+            if abs(full.ppl_ratio / target - 1) <= 10 * ftol or full.ppl_ratio <= 1 or calib_ev.ppl_ratio <= 1:
+                break
+            # the full set's ln F is a near-constant multiple of the calibration set's: retarget
+            scale = math.log(calib_ev.ppl_ratio) / math.log(full.ppl_ratio)
+            calib_ev, message = solve_tau(evaluate, math.exp(math.log(target) * scale), ftol=ftol, tau0=ev.tau)
+            ev = calib_ev
+        ev = full
+    seconds = time.perf_counter() - t0
+    return SearchResult("fast", ev.tau, target, ev, history, counter.passes, counter.passes / len(batches),
+                        counter.products, seconds, message)
+
+
+# --- reference search -----------------------------------------------------------------------------------
+
+def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
+                     tol: float = 1e-6, progress: bool = True) -> SearchResult:
+    """The authors' procedure, kept deliberately naive: it is the cost the fast search must beat."""
+    target = check_p(p)
+    t0 = time.perf_counter()
+    counter = _Counter(len(batches))
+    w = m.w_stack
+    history: list[dict] = []
+    lo, hi = 0.0, 1.0
+    ev = None
+    while hi - lo > tol:
+        tau = (lo + hi) / 2
+        parts = []
+        for ids in batches:
+            dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
+            th = torch.tensor([reference_layer_threshold(h, w[i].to(h.dtype), m.norms[i], tau)
+                               for i, h in enumerate(dense.dense_h)], device=m.device)
+            counter.products += m.n_layers * 16
+            r = run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True)
+            counter.passes += 2
+            parts.append((dense.loss, r, th))
+            del dense
+        ev = _combine(tau, parts)
+        history.append({**ev.brief(), "batches": len(batches)})
+        _say(f"  [reference] tau={tau:.7f}  ppl_ratio={ev.ppl_ratio:.5f}  "
+             f"activation_ratio={ev.activation_ratio:.4f}", progress)
+        if ev.ppl_ratio > target:
+            hi = tau
+        else:
+            lo = tau
+    seconds = time.perf_counter() - t0
+    return SearchResult(f"reference(tol={tol:g})", ev.tau, target, ev, history, counter.passes,
+                        counter.passes / len(batches), counter.products, seconds)

@@ -1,0 +1,211 @@
+"""Forward passes with FFN neurons dropped: the rules, the pass runner, and exported thresholds.
+
+A `Rule` decides, per layer, which neurons a token keeps. `run_pass` runs a batch through the model
+with the rule applied at every down projection and returns the loss, kept-neuron counts and (when
+asked) each layer's dense h. `Thresholds` is the static, exportable form (thresholds.json) that
+`sparsify` installs on any model for evaluation or generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsinglaw import metrics
+from sparsinglaw.errors import UserError
+from sparsinglaw.io import atomic_write_json
+from sparsinglaw.sites import FFNSite, ffn_sites, hooked
+
+FORMAT = "sparsinglaw-thresholds/1"
+
+
+@dataclass
+class Rule:
+    """How neurons are dropped. kind: dense | zero | fat | topk_pooled | topk_token | cett (per-layer
+    thresholds on |h_i| * ||W_down[:, i]||) | abs (per-layer thresholds on |s_i|)."""
+
+    kind: str
+    value: float = 0.0
+    thresholds: torch.Tensor | None = None  # (L,) for cett / abs
+
+    @property
+    def need_s(self) -> bool:
+        return self.kind in ("zero", "fat", "topk_pooled", "topk_token", "abs")
+
+    def keep(self, i: int, h: torch.Tensor, s: torch.Tensor, norms: torch.Tensor) -> torch.Tensor | None:
+        if self.kind == "dense":
+            return None
+        if self.kind == "zero":
+            return metrics.keep_zero(s)
+        if self.kind == "fat":
+            return metrics.keep_fat(s, self.value)
+        if self.kind == "topk_pooled":
+            return metrics.keep_topk_pooled(s, self.value)
+        if self.kind == "topk_token":
+            return metrics.keep_topk_per_token(s, self.value)
+        if self.kind == "cett":
+            return metrics.keep_cett(h, norms, self.thresholds[i])
+        if self.kind == "abs":
+            return s.abs() >= self.thresholds[i].to(s.dtype)
+        raise ValueError(f"unknown rule {self.kind}")
+
+
+@dataclass
+class PassResult:
+    loss: float
+    kept: torch.Tensor  # (L,) kept (token, neuron) pairs per layer over counted positions
+    tokens: int  # counted positions
+    d_ff: int
+    dense_h: list[torch.Tensor] | None = None  # per layer (m, d_f), counted positions only
+    neuron_kept: torch.Tensor | None = None  # (L, d_f) times each neuron was kept
+    token_ratio: torch.Tensor | None = None  # (L, S) per-token activation ratio of the first sequence
+
+    @property
+    def layer_ratio(self) -> torch.Tensor:
+        return self.kept.double() / (self.tokens * self.d_ff)
+
+
+class Model:
+    """A causal LM with its FFN sites and column norms, computed once."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.sites: list[FFNSite] = ffn_sites(model)
+        self.norms = [s.column_norms().detach() for s in self.sites]
+        self.d_ff = self.sites[0].d_ff
+        self.device = next(model.parameters()).device
+        self._w: torch.Tensor | None = None
+
+    @property
+    def w_stack(self) -> torch.Tensor:
+        """(L, d_h, d_f) down projections, stacked once for batched CETT evaluation."""
+        if self._w is None:
+            self._w = torch.stack([s.down_weight().detach() for s in self.sites])
+        return self._w
+
+    @property
+    def norm_stack(self) -> torch.Tensor:
+        return torch.stack(self.norms)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sites)
+
+
+def counted_positions(ids: torch.Tensor, positions: str) -> torch.Tensor:
+    """Which positions count for activation ratios: 'all', or 'labeled' (those with a next token)."""
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    if positions == "labeled":
+        mask[:, -1] = False
+    elif positions != "all":
+        raise UserError(f"unknown positions {positions!r}; use all or labeled")
+    return mask
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 2) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32, a few rows at a time so the fp32 logits stay small."""
+    total = torch.zeros((), device=logits.device, dtype=torch.float64)
+    for lo in range(0, ids.shape[0], chunk):
+        lg = logits[lo:lo + chunk, :-1].float()
+        total += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[lo:lo + chunk, 1:].reshape(-1),
+                                 reduction="sum").double()
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+@torch.no_grad()
+def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
+             detail: bool = False) -> PassResult:
+    """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass."""
+    ids = ids.to(m.device)
+    counted = counted_positions(ids, positions).flatten()
+    n_counted = int(counted.sum())
+    kept = torch.zeros(m.n_layers, device=m.device, dtype=torch.float64)
+    neuron_kept = torch.zeros(m.n_layers, m.d_ff, device=m.device, dtype=torch.float64) if detail else None
+    token_ratio = torch.zeros(m.n_layers, ids.shape[1], device=m.device) if detail else None
+    captured: list[torch.Tensor | None] = [None] * m.n_layers
+
+    def fn(i: int, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+        if capture:
+            captured[i] = h.reshape(-1, h.shape[-1])[counted] if positions != "all" else h.reshape(-1, h.shape[-1])
+        keep = rule.keep(i, h, s, m.norms[i])
+        if keep is None:  # dense: every neuron counts as kept
+            kept[i] += n_counted * m.d_ff
+            if detail:
+                neuron_kept[i] += n_counted
+                token_ratio[i] = 1.0
+            return None
+        keep_flat = keep.reshape(-1, keep.shape[-1])
+        kc = keep_flat[counted] if positions != "all" else keep_flat
+        kept[i] += kc.sum()
+        if detail:
+            neuron_kept[i] += kc.sum(0)
+            token_ratio[i] = keep_flat[: ids.shape[1]].float().mean(-1)
+        return h * keep.to(h.dtype)
+
+    with hooked(m.sites, fn, need_s=rule.need_s):
+        logits = m.model(input_ids=ids).logits
+    loss = lm_loss(logits, ids)
+    if not math.isfinite(loss.item()):
+        raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
+    return PassResult(loss=loss.item(), kept=kept, tokens=n_counted, d_ff=m.d_ff,
+                      dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
+
+
+# --- static thresholds: export, load, apply ---------------------------------------------------------
+
+@dataclass
+class Thresholds:
+    """Frozen per-layer thresholds for sparse inference (the static regime), saved as thresholds.json.
+
+    kind 'cett': neuron i of layer l is dropped when |h_i| * ||W_down[:, i]|| <= thresholds[l]
+    (equivalently |h_i| <= t_l / ||W_down[:, i]||); kind 'abs': dropped when |s_i| < thresholds[l].
+    """
+
+    kind: str
+    thresholds: list[float]
+    model: str = ""
+    metric: str = ""
+    params: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, {"format": FORMAT, **asdict(self),
+                                 "layers": [{"index": i, "threshold": t} for i, t in enumerate(self.thresholds)]})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"thresholds file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not a thresholds.json written by sparsinglaw") from None
+        if d.get("format") != FORMAT or d.get("kind") not in ("cett", "abs"):
+            raise UserError(f"{path} is not a thresholds.json written by sparsinglaw (format {FORMAT})")
+        return cls(kind=d["kind"], thresholds=[float(x) for x in d["thresholds"]], model=d.get("model", ""),
+                   metric=d.get("metric", ""), params=d.get("params", {}))
+
+    def rule(self, device: torch.device | str = "cpu") -> Rule:
+        return Rule(self.kind, thresholds=torch.tensor(self.thresholds, dtype=torch.float32, device=device))
+
+
+@contextlib.contextmanager
+def sparsify(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Iterator[Model]:
+    """Run `model` sparsely inside this block (evaluation, `generate`, anything that calls forward)."""
+    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.load(thresholds)
+    m = Model(model)
+    if len(th.thresholds) != m.n_layers:
+        raise UserError(f"thresholds have {len(th.thresholds)} layers but the model has {m.n_layers}")
+    rule = th.rule(m.device)
+
+    def fn(i: int, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return h * rule.keep(i, h, s, m.norms[i]).to(h.dtype)
+
+    with hooked(m.sites, fn, need_s=rule.need_s):
+        yield m
