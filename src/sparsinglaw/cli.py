@@ -15,6 +15,58 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Activation sparsity of LLMs: measure, train, track, fit (arXiv 2411.02335).")
 
 
+@app.command()
+def fit(
+    paths: list[str] = typer.Argument(..., help="Series files (.json or .csv; a tracked run's series.json "
+                                      "works), or with --law width-depth one width-depth file."),
+    out: str = typer.Option(..., "--out", help="Output folder (written atomically)."),
+    form: str = typer.Option("auto", "--form", help="auto | relu | silu | log | sigmoid."),
+    drop_first: int = typer.Option(0, "--drop-first", help="Leave out the first K checkpoints."),
+    min_tokens: float | None = typer.Option(None, "--min-tokens",
+                                            help="Leave out checkpoints before T tokens."),
+    auto_drop: bool = typer.Option(False, "--auto-drop", help="Also drop leading warm-up checkpoints the "
+                                   "law cannot follow; each is reported with its reason."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for intervals (0 = none)."),
+    law: str = typer.Option("tokens", "--law", help="tokens (A vs D) | width-depth (A0 vs d_h/L)."),
+    target_ratio: float | None = typer.Option(None, "--target-ratio", help="Forecast the tokens needed to "
+                                              "reach this activation ratio (a fraction, e.g. 0.07)."),
+    level: float = typer.Option(0.95, "--level", help="Interval level."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Fit the sparsing laws: every form side by side, intervals, forecasts, fit.json and plots."""
+    from sparsinglaw import laws
+    from sparsinglaw.io import staged_dir
+
+    if law not in ("tokens", "width-depth"):
+        raise UserError(f"unknown --law {law!r}; choose tokens or width-depth")
+    if form != "auto":
+        laws.get_form(form)
+    if target_ratio is not None and not 0 < target_ratio < 1:
+        raise UserError(f"--target-ratio {target_ratio:g} is outside (0, 1); give a fraction like 0.07")
+    wd_table = law == "width-depth" and len(paths) == 1 and not laws.is_series_file(paths[0])
+    series = [] if wd_table else [laws.load_series(p) for p in paths]
+    laws.unique_names(series)
+    fits = [laws.fit_series(s, form=form, drop_first=drop_first, min_tokens=min_tokens, auto_drop=auto_drop,
+                            bootstrap=bootstrap, level=level, target_ratio=target_ratio, seed=seed)
+            for s in series]
+    wd = None
+    if wd_table:
+        ratio, limit, names = laws.load_width_depth(paths[0])
+        wd = laws.fit_width_depth(ratio, limit, names=names, bootstrap=bootstrap, level=level, seed=seed)
+    elif law == "width-depth":
+        wd = laws.width_depth_from_fits(fits, bootstrap=bootstrap, level=level, seed=seed)
+    with staged_dir(out) as stage:
+        laws.save_fits(fits, stage)
+        if wd is not None:
+            laws.save_width_depth(wd, stage)
+    print(laws.summary_text(fits, wd))
+    print(f"wrote {out}")
+    failed = [ft for ft in fits if not ft.success]
+    if failed:
+        raise UserError("; ".join(f"{ft.series.name}: the {ft.form} law could not be fitted: {ft.message}"
+                                  for ft in failed) + f" (details in {out})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one clear line and exit code 2."""
     try:

@@ -27,3 +27,105 @@ def _save(fig, path: str | os.PathLike) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# --- laws (issue 3): fitted curves, linearised view, several runs, width-depth ---------------------------
+
+
+def _law_color(name: str | None, i: int = 0) -> str:
+    key = (name or "").lower()
+    if key in COLORS:
+        return COLORS[key]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return cycle[i % len(cycle)]
+
+
+def plot_law_fit(D, A, used, band: dict, path: str | os.PathLike, *, title: str = "", label: str = "fit",
+                 color: str | None = None, xlabel: str = "training tokens (billions)") -> Path:
+    """Data (dropped points hollow) with the fitted curve, its confidence band and the prediction band."""
+    import numpy as np
+
+    D, A, used = np.asarray(D), np.asarray(A), np.asarray(used, dtype=bool)
+    color = color or _law_color(label)
+    fig, ax = _figure()
+    if band.get("pred_lo"):
+        ax.fill_between(band["D"], band["pred_lo"], band["pred_hi"], color=color, alpha=0.12,
+                        label=f"{100 * band.get('level', 0.95):.0f}% prediction band")
+    if band.get("conf_lo"):
+        ax.fill_between(band["D"], band["conf_lo"], band["conf_hi"], color=color, alpha=0.3,
+                        label=f"{100 * band.get('level', 0.95):.0f}% confidence band")
+    if band.get("curve"):
+        ax.plot(band["D"], band["curve"], color=color, lw=1.8, label=label)
+    ax.plot(D[used], A[used], "o", ms=3.5, color="black", label="data")
+    if (~used).any():
+        ax.plot(D[~used], A[~used], "o", ms=4.5, mfc="none", color="gray", label="dropped")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("activation ratio")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_linearised(x, y, x_line, y_line, form: str, path: str | os.PathLike, *, title: str = "") -> Path:
+    """The law's straight-line view: ReLU ln(b - ln(A - A0)) vs ln D, SiLU ln(A0 - A) vs ln D."""
+    ylabel = "ln(b − ln(A − A0))" if form == "relu" else "ln(A0 − A)"
+    fig, ax = _figure()
+    ax.plot(x, y, "o", ms=3.5, color="black", label="data")
+    sign = "+" if form == "relu" else "−"
+    ax.plot(x_line, y_line, color=_law_color(form), lw=1.8, label=f"{form} law (slope {sign}α)")
+    ax.set_xlabel("ln D (D in billions of tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_law_runs(runs: list[dict], path: str | os.PathLike, *, xlabel: str = "training tokens (billions)",
+                  title: str = "") -> Path:
+    """Several curves on one chart: each run is {name, x, A, used, x_curve, curve, lo, hi, A0}."""
+    import numpy as np
+
+    fig, ax = _figure(7.2, 4.4)
+    for i, r in enumerate(runs):
+        c = _law_color(None, i)
+        x, A, used = np.asarray(r["x"]), np.asarray(r["A"]), np.asarray(r["used"], dtype=bool)
+        ax.plot(x[used], A[used], "o", ms=3, color=c)
+        if (~used).any():
+            ax.plot(x[~used], A[~used], "o", ms=4, mfc="none", color=c)
+        if r.get("curve") is not None:
+            if r.get("lo") is not None:
+                ax.fill_between(r["x_curve"], r["lo"], r["hi"], color=c, alpha=0.15)
+            lab = r["name"] + (f" (A0 = {100 * r['A0']:.2f}%)" if r.get("A0") is not None else "")
+            ax.plot(r["x_curve"], r["curve"], color=c, lw=1.6, label=lab)
+        else:
+            ax.plot([], [], "o", color=c, label=r["name"] + " (no fit)")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("activation ratio")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: str | os.PathLike, *,
+                     breakpoint_ci: list[float] | None = None, names: list[str] | None = None,
+                     title: str = "") -> Path:
+    """Limit activation ratio vs width-depth ratio d_h/L with the linear-then-flat fit and its breakpoint."""
+    fig, ax = _figure()
+    if breakpoint_ci:
+        ax.axvspan(breakpoint_ci[0], breakpoint_ci[1], color="gray", alpha=0.15, label="breakpoint interval")
+    if band.get("conf_lo"):
+        ax.fill_between(band["ratio"], band["conf_lo"], band["conf_hi"], color=COLORS["relu"], alpha=0.2)
+    ax.plot(band["ratio"], band["curve"], color=COLORS["relu"], lw=1.8, label="linear then flat")
+    ax.axvline(breakpoint, color="gray", ls="--", lw=1, label=f"breakpoint {breakpoint:.0f}")
+    ax.plot(ratio, limit_ratio, "o", color="black", ms=4, label="limit ratio A0")
+    for r, a, n in zip(ratio, limit_ratio, names or [], strict=False):
+        if n:
+            ax.annotate(n, (r, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("width-depth ratio d_h / L")
+    ax.set_ylabel("limit activation ratio")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
