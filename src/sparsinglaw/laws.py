@@ -716,15 +716,27 @@ def _noise_sd(A: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
 
 
-def _direction(D: np.ndarray, A: np.ndarray) -> tuple[int, str]:
-    """+1 if the ratio rises with data, -1 if it falls (by the first and last quarters and the log-slope)."""
-    m = max(1, A.size // 4)
-    first, last = float(A[:m].mean()), float(A[-m:].mean())
+def _direction(D: np.ndarray, A: np.ndarray, activation: str | None = None) -> tuple[int, str]:
+    """+1 if the ratio rises with data, -1 if it falls.
+
+    Judged on the later two thirds (middle third against last third, medians) so that warm-up
+    checkpoints at the start cannot flip it; when that change is within noise, the activation named in
+    the metadata decides, else the sign of the overall slope against ln D.
+    """
+    n = A.size
+    mid, last = float(np.median(A[n // 3 : 2 * n // 3 or None])), float(np.median(A[2 * n // 3 :]))
+    diff = last - mid
+    word = lambda d: "falls" if d < 0 else "rises"  # noqa: E731
+    if abs(diff) > 3 * _noise_sd(A) and diff != 0:
+        d = 1 if diff > 0 else -1
+        return d, (f"the ratio {word(d)} with data (median {mid:.4f} in the middle third, {last:.4f} "
+                   "in the last)")
+    if activation in LAW_FORMS:
+        d = -1 if activation == "relu" else 1
+        return d, f"the trend is within noise, so the metadata's activation={activation} decides"
     _, slope, _ = _linfit(np.log(D), A)
-    s1, s2 = np.sign(last - first), np.sign(slope)
-    d = int(s1 if s1 != 0 else s2) or -1
-    word = "falls" if d < 0 else "rises"
-    return d, f"the ratio {word} with data (first quarter mean {first:.4f}, last quarter mean {last:.4f})"
+    d = 1 if slope > 0 else -1
+    return d, f"the trend is within noise; the overall slope against ln D says the ratio {word(d)}"
 
 
 def auto_drop_early(D: np.ndarray, A: np.ndarray, form: str, *, max_frac: float = 1 / 3,
@@ -745,7 +757,7 @@ def auto_drop_early(D: np.ndarray, A: np.ndarray, form: str, *, max_frac: float 
     out: list[tuple[int, str]] = []
     sd = _noise_sd(A)
     half = A[: max(2, n // 2)]
-    sign = -1 if form in ("relu",) else (1 if form == "silu" else _direction(D, A)[0])
+    sign = -1 if form == "relu" else (1 if form == "silu" else _direction(D, A)[0])
     i_ext = int(np.argmax(half) if sign < 0 else np.argmin(half))
     if 0 < i_ext <= cap and abs(half[i_ext] - half[0]) > 3 * sd:
         word = "rising" if sign < 0 else "falling"
@@ -880,7 +892,7 @@ class LawFit:
 
 
 def _select(D: np.ndarray, A: np.ndarray, activation: str | None) -> tuple[str, str, list[str]]:
-    d, why = _direction(D, A)
+    d, why = _direction(D, A, activation)
     form = "relu" if d < 0 else "silu"
     warns = []
     if activation and activation in LAW_FORMS and activation != form:
@@ -946,10 +958,19 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     fit = forms[chosen]
     ok = {k: v for k, v in forms.items() if v.success}
     best = min(ok, key=lambda k: ok[k].aic) if ok else None
-    if best is not None and best != chosen and fit.success and fit.aic - ok[best].aic > 2:
+    if best is not None and best != chosen and fit.success:
+        gap = fit.aic - ok[best].aic
         kind = "baseline" if best in BASELINE_FORMS else "law"
-        warnings.append(f"the {best} {kind} fits better than the {chosen} law (AIC lower by "
-                        f"{fit.aic - ok[best].aic:.1f}); the data may not follow the {chosen} law")
+        if gap > 4:
+            warnings.append(f"the {best} {kind} fits better than the {chosen} law (AIC lower by {gap:.1f}); "
+                            f"the data may not follow the {chosen} law")
+        else:
+            why = ""
+            if chosen == "relu" and best == "sigmoid" and abs(fit.params["alpha"] - 1) < 0.25:
+                why = ("; with alpha near 1 the ReLU law and the sigmoid's tail a - 1 + b*exp(c*D) are "
+                       "nearly the same curve, so AIC cannot tell them apart")
+            warnings.append(f"the {best} {kind} fits about as well as the {chosen} law (AIC lower by "
+                            f"{gap:.1f}, within the penalty for one parameter more){why}")
     for name, ff in forms.items():
         if not ff.success:
             warnings.append(f"the {name} form failed: {ff.message}")

@@ -123,8 +123,7 @@ def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: st
     for r, a, n in zip(ratio, limit_ratio, names or [], strict=False):
         if n:
             ax.annotate(n, (r, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("width-depth ratio d_h / L")
+    ax.set_xlabel("width-depth ratio d_h / L (linear axis: the law is two straight pieces)")
     ax.set_ylabel("limit activation ratio")
     ax.set_title(title)
     ax.legend(fontsize=8)
