@@ -869,6 +869,9 @@ class LawFit:
         if pt is None:
             msg = (f"never reached: the fitted limit A0 = {lim:.4f} lies on the near side of the target"
                    if lim is not None else "never reached by the fitted curve")
+        elif pt < self.series.tokens[0]:
+            msg = (f"crossed before the first checkpoint (the curve extrapolated back reaches it at "
+                   f"{pt / TOKENS_PER_BILLION:.3g}B tokens)")
         elif pt <= self.series.tokens[-1]:
             msg = f"already reached within the data (at {pt / TOKENS_PER_BILLION:.3g}B tokens)"
         else:
