@@ -1,0 +1,436 @@
+"""The training loop: one function, `train(cfg)`, readable top to bottom (nanoGPT's train.py shape).
+
+Setup (device, DDP through torchrun, corpus, model, AdamW with µP groups) -> resume from the newest good
+checkpoint -> loop (gradient accumulation, clipping, WSD schedule, logging) -> atomic checkpoints every
+N tokens, each followed by an optional `on_checkpoint(ckpt_dir)` call (the tracking hook).
+
+Data order is a pure function of (seed, step): micro-batch g of the run takes rows g·B … g·B+B−1 of a
+seeded permutation of the train split's windows, so a resumed run and a run on any number of processes
+see exactly the same batches as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sparsinglaw.data import Corpus, get_corpus, n_sequences
+from sparsinglaw.errors import UserError
+from sparsinglaw.io import atomic_write_json
+from sparsinglaw.train.checkpoint import clean_temp, load_resume_state, prune_states, write_checkpoint
+from sparsinglaw.train.export import save_hf
+from sparsinglaw.train.model import ModelConfig, MuPTransformer
+from sparsinglaw.train.presets import get_preset
+from sparsinglaw.train.schedule import wsd_lr
+
+PEAK_FLOPS = {"cuda": 989e12}  # H100/H200 dense bf16; MFU is reported against this
+OnCheckpoint = Callable[[Path], Any]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. None means: take it from the preset (or a sensible default)."""
+
+    out: str
+    tokens: int
+    preset: str = "tiny"
+    act: str = "relu"
+    d_model: int | None = None
+    n_layers: int | None = None
+    head_dim: int | None = None
+    batch_size: int | None = None  # rows per micro-batch per process
+    seq_len: int | None = None
+    grad_accum: int | None = None  # micro-batches per optimizer step, over all processes
+    lr: float | None = None
+    warmup: float = 0.01  # fraction of steps
+    decay: float = 0.1  # fraction of steps in the final decay
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ckpt_every: int | None = None  # tokens between checkpoints; default tokens / 20
+    keep_states: int = 2
+    eval_tokens: int | None = None  # validation tokens per checkpoint; default min(65536, 8 steps)
+    log_every: int = 10
+    seed: int = 0
+    data: list[str] | None = None
+    tokenizer: str | None = None
+    vocab_size: int | None = None  # BPE size for a corpus built here; default from the preset
+    device: str | None = None
+    dtype: str = "auto"  # bf16 autocast on cuda, fp32 elsewhere
+    compile: bool | None = None  # default: on for cuda
+    save_dtype: str = "float32"
+    max_steps: int | None = None  # stop after this many steps, as if interrupted (no final checkpoint)
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)  # logged training losses of this call
+    val_loss: float | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces the loop (and benchmarks/train_speed.py) use
+
+
+class Batches:
+    """Deterministic micro-batches from a flat token array: pure function of (seed, index)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.n_seq = n_sequences(len(tokens), seq_len)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_seq))
+        return self._perm[1]
+
+    def get(self, index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for r in range(index * self.batch_size, (index + 1) * self.batch_size):
+            start = int(self._order(r // self.n_seq)[r % self.n_seq]) * self.seq_len
+            rows.append(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        xy = torch.from_numpy(np.stack(rows))
+        if device.type == "cuda":
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        else:
+            xy = xy.to(device)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def make_optimizer(model: MuPTransformer, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the µP parameter groups; fused kernels on CUDA."""
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(model.param_groups(lr, weight_decay), lr=lr, betas=betas, **extra)
+
+
+def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype in ("bf16", "bfloat16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if dtype not in ("bf16", "bfloat16", "fp32", "float32"):
+        raise UserError(f"unknown dtype '{dtype}'; use auto, bf16 or fp32")
+    return "bf16" if dtype.startswith("bf") else "fp32"
+
+
+def resolve_device(name: str | None, local_rank: int) -> torch.device:
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda requested but no CUDA GPU is available")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None) -> ModelConfig:
+    p = get_preset(cfg.preset)
+    seq_len = cfg.seq_len or p.seq_len
+    return ModelConfig(vocab_size=64 * math.ceil(vocab_size / 64),  # pad for fast matmuls
+                       d_model=cfg.d_model or p.d_model, n_layers=cfg.n_layers or p.n_layers,
+                       head_dim=cfg.head_dim or p.head_dim, act=cfg.act, max_seq_len=max(seq_len, 128),
+                       eos_token_id=eos_token_id)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: int, tokens: int,
+             device: torch.device, dtype: str) -> float | None:
+    """Mean next-token loss on the first `tokens` tokens of the validation split (full batches only)."""
+    val = corpus.tokens("val")
+    n_seq = min(n_sequences(len(val), seq_len), max(1, tokens // seq_len))
+    n_batches = n_seq // batch_size
+    if n_batches == 0:
+        return None
+    model.eval()
+    losses = []
+    for b in range(n_batches):
+        rows = [np.asarray(val[(b * batch_size + i) * seq_len:(b * batch_size + i) * seq_len + seq_len + 1],
+                           dtype=np.int64) for i in range(batch_size)]
+        xy = torch.from_numpy(np.stack(rows)).to(device)
+        with autocast_ctx(device, dtype):
+            losses.append(model(xy[:, :-1], xy[:, 1:]).float())
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def parse_tokens(text: str | int) -> int:
+    """'20M' -> 20_000_000; accepts K, M, B (or G) suffixes and plain integers / floats."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace("_", "").replace(",", "")
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(s[-1:], 1)
+    num = s[:-1] if mult > 1 else s
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise UserError(f"cannot read token count '{text}'; use e.g. 20M, 1.5B or 500000") from None
+    if value < 1:
+        raise UserError(f"token count must be positive, got '{text}'")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def _dist_setup() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return rank, local_rank, world
+
+
+def _check_resume_config(saved: dict, current: dict) -> None:
+    for key in ("model", "batch_size", "seq_len", "grad_accum", "seed", "corpus"):
+        if saved.get(key) != current.get(key):
+            raise UserError(f"--resume with a different {key} than the run was started with "
+                            f"({saved.get(key)} vs {current.get(key)}); use the original settings")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,
+          log: Callable[[str], Any] = print) -> TrainResult:
+    """Train a model from scratch (or resume) into `cfg.out`; returns what was done.
+
+    `on_checkpoint(ckpt_dir)` runs on rank 0 after each checkpoint is complete on disk (the tracking hook);
+    its time is logged as `hook_s`. With torchrun, every process calls `train` with the same config.
+    """
+    rank, local_rank, world = _dist_setup()
+    master = rank == 0
+    say = log if master else (lambda _msg: None)
+    device = resolve_device(cfg.device, local_rank)
+    dtype = resolve_dtype(cfg.dtype, device)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    run_dir = Path(cfg.out)
+    preset = get_preset(cfg.preset)
+    model_config(cfg, 256, None)  # validate shape and activation before any slow work
+
+    seq_len = cfg.seq_len or preset.seq_len
+    batch_size = cfg.batch_size or preset.batch_size
+    grad_accum = cfg.grad_accum or preset.grad_accum
+    lr = cfg.lr if cfg.lr is not None else preset.lr
+    if min(seq_len, batch_size, grad_accum) < 1:
+        raise UserError("batch size, sequence length and gradient accumulation must be positive")
+    if grad_accum % world:
+        raise UserError(f"--grad-accum {grad_accum} must be divisible by the number of processes ({world})")
+    accum_local = grad_accum // world
+    tokens_per_step = batch_size * seq_len * grad_accum
+    total_steps = cfg.tokens // tokens_per_step
+    if total_steps < 1:
+        raise UserError(f"--tokens {cfg.tokens:,} is fewer than one batch ({tokens_per_step:,} tokens per "
+                        "step = batch size x seq len x grad accum)")
+    if not resume and master and (run_dir / "checkpoints").is_dir() and any(
+            (run_dir / "checkpoints").glob("step-*")):
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume or choose another --out")
+
+    # Corpus: rank 0 builds (or finds) it first, the others then open the cached copy.
+    vocab = cfg.vocab_size or preset.vocab_size
+    if master:
+        corpus = get_corpus(cfg.data, vocab_size=vocab, tokenizer=cfg.tokenizer, log=say)
+    if world > 1:
+        dist.barrier()
+    if not master:
+        corpus = get_corpus(cfg.data, vocab_size=vocab, tokenizer=cfg.tokenizer, log=say)
+    train_tokens = corpus.tokens("train")
+    if n_sequences(len(train_tokens), seq_len) < batch_size:
+        raise UserError(f"the corpus has {len(train_tokens):,} training tokens, fewer than one micro-batch "
+                        f"({batch_size} x {seq_len + 1}); add text or lower --batch-size / --seq-len")
+    tokenizer = corpus.tokenizer() if master else None
+    mcfg = model_config(cfg, corpus.vocab_size, corpus.meta.get("eos_token_id"))
+    ckpt_every = cfg.ckpt_every or max(tokens_per_step, cfg.tokens // 20)
+    ckpt_steps = max(1, round(ckpt_every / tokens_per_step))
+    warmup = max(1, round(cfg.warmup * total_steps))
+    decay = round(cfg.decay * total_steps)
+    run_info = {"model": mcfg.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+                "grad_accum": grad_accum, "seed": cfg.seed, "corpus": str(corpus.path),
+                "tokens_per_step": tokens_per_step,
+                "total_steps": total_steps, "ckpt_steps": ckpt_steps, "lr": lr, "warmup_steps": warmup,
+                "decay_steps": decay, "world_size": world, "dtype": dtype, "device": device.type,
+                "non_embedding_params": mcfg.non_embedding_params(), "train": asdict(cfg)}
+
+    # Model and optimizer (seeded identically on every process), then the resume point.
+    torch.manual_seed(cfg.seed)
+    raw = MuPTransformer(mcfg).to(device)
+    opt = make_optimizer(raw, lr, cfg.weight_decay, cfg.betas, device)
+    step = 0
+    if resume:
+        if (run_dir / "config.json").is_file():
+            _check_resume_config(json.loads((run_dir / "config.json").read_text()), run_info)
+        found = load_resume_state(run_dir, device, say)
+        if found is None:
+            say(f"no complete checkpoint in {run_dir}; starting from scratch")
+        else:
+            ck, state = found
+            raw.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            say(f"resuming from {ck.path.name} (step {step}, {step * tokens_per_step:,} tokens)")
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_temp(run_dir)
+        atomic_write_json(run_dir / "config.json", run_info)
+        _truncate_log(run_dir / "log.jsonl", step)
+    model: torch.nn.Module = torch.compile(raw) if use_compile else raw
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    batches = Batches(train_tokens, seq_len, batch_size, cfg.seed)
+    flops_per_step = mcfg.flops_per_token(seq_len) * tokens_per_step
+    peak = PEAK_FLOPS.get(device.type) if dtype == "bf16" else None
+    result = TrainResult(run_dir, step, step * tokens_per_step)
+    last_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = None
+    if master and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_t, t_run = 0, time.perf_counter(), 0.0
+    raw.train()
+    while step < last_steps:
+        lr_t = wsd_lr(step, total_steps, lr, warmup, decay)
+        for g in opt.param_groups:
+            g["lr"] = lr_t * g["lr_scale"]
+        for a in range(accum_local):
+            x, y = batches.get(step * grad_accum + rank * accum_local + a, device)
+            sync = a == accum_local - 1
+            ctx = step_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+            with ctx, autocast_ctx(device, dtype):
+                loss = step_model(x, y) / accum_local
+            with ctx:
+                loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        is_ckpt = step % ckpt_steps == 0 or step == total_steps
+        if step % cfg.log_every == 0 or is_ckpt or step == last_steps:
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                loss_sum /= world
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - window_t
+            t_run += dt
+            loss_val = loss_sum.item() / window_steps
+            tps = window_steps * tokens_per_step / dt
+            rec = {"step": step, "tokens": step * tokens_per_step, "loss": loss_val, "lr": lr_t,
+                   "tokens_per_s": tps, "mfu": flops_per_step * window_steps / dt / peak if peak else None,
+                   "time": time.time()}
+            result.losses.append(loss_val)
+            if master:
+                _append_log(run_dir / "log.jsonl", rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            loss_sum.zero_()
+            window_steps = 0
+        if is_ckpt:
+            ck_path, val = _checkpoint(cfg, run_dir, raw, model, opt, corpus, tokenizer, step,
+                                       tokens_per_step, loss_val, seq_len, batch_size, device, dtype, master,
+                                       on_checkpoint)
+            if master:
+                result.checkpoints.append(ck_path)
+                result.val_loss = val
+            if world > 1:
+                dist.barrier()
+        if bar is not None:
+            bar.update(1)
+        window_t = time.perf_counter() if window_steps == 0 else window_t
+    if bar is not None:
+        bar.close()
+    if t_run > 0:
+        result.tokens_per_s = (step - result.steps) * tokens_per_step / t_run
+    result.steps, result.tokens = step, step * tokens_per_step
+    return result
+
+
+def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: torch.nn.Module,
+                opt: torch.optim.Optimizer, corpus: Corpus, tokenizer: Any, step: int, tokens_per_step: int,
+                train_loss: float, seq_len: int, batch_size: int, device: torch.device, dtype: str,
+                master: bool, on_checkpoint: OnCheckpoint | None) -> tuple[Path | None, float | None]:
+    """Evaluate, write the checkpoint atomically, prune old trainer states, call the hook (rank 0)."""
+    if not master:
+        return None, None
+    t0 = time.perf_counter()
+    eval_tokens = cfg.eval_tokens or min(65536, 8 * tokens_per_step)
+    val = evaluate(model, corpus, seq_len, batch_size, eval_tokens, device, dtype)
+    tokens = step * tokens_per_step
+    meta = {"step": step, "tokens": tokens, "train_loss": train_loss, "val_loss": val, "act": raw.cfg.act,
+            "preset": cfg.preset, "d_model": raw.cfg.d_model, "n_layers": raw.cfg.n_layers,
+            "non_embedding_params": raw.cfg.non_embedding_params(), "corpus": str(corpus.path),
+            "time": time.time()}
+    state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
+             "rng": {"torch": torch.get_rng_state()}}
+    save_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                  "bf16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
+    path = write_checkpoint(run_dir, step, lambda d: save_hf(raw, d, tokenizer, save_dtype), meta, state)
+    prune_states(run_dir, cfg.keep_states)
+    t1 = time.perf_counter()
+    if on_checkpoint is not None:
+        on_checkpoint(path)
+    t2 = time.perf_counter()
+    _append_log(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
+                                        "checkpoint": str(path), "checkpoint_s": t1 - t0, "hook_s": t2 - t1,
+                                        "time": time.time()})
+    return path, val
+
+
+def _append_log(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log records past the resume step so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    path.write_text("".join(k + "\n" for k in keep))
