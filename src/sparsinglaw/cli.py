@@ -6,6 +6,7 @@ Every user error surfaces as one line on stderr and exit status 2 (see `main`).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -65,6 +66,63 @@ def fit(
     if failed:
         raise UserError("; ".join(f"{ft.series.name}: the {ft.form} law could not be fitted: {ft.message}"
                                   for ft in failed) + f" (details in {out})")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="run folder (config.json, log.jsonl, checkpoints/)"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | 5m | 14m | 30m | 57m | 0.1b ... 2.4b | "
+                               "0.1b-d<W>-l<L> (width-depth family); see docs/training.md"),
+    act: str = typer.Option("relu", "--act", help="FFN activation: relu | silu | gelu | relu2 | "
+                            "gelu_pytorch_tanh"),
+    tokens: str = typer.Option("20M", "--tokens", help="training tokens (suffixes K, M, B)"),
+    data: list[str] | None = typer.Option(None, "--data", help="built corpus folder, or text sources "
+                                             "(files, folders, JSONL, Parquet; repeatable) to build one "
+                                             "from; default: the text Python ships"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="reuse a local model tokenizer "
+                                            "instead of training a BPE one"),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="BPE vocabulary when the corpus "
+                                             "is built here (default: the preset's)"),
+    d_model: int | None = typer.Option(None, "--d-model", help="width d_h (overrides the preset)"),
+    n_layers: int | None = typer.Option(None, "--n-layers", help="depth L (overrides the preset)"),
+    head_dim: int | None = typer.Option(None, "--head-dim", help="attention head size"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="sequences per micro-batch"),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="tokens per sequence"),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="micro-batches per step, summed "
+                                             "over all processes"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (µP: hidden matrices get "
+                                       "lr/(d_h/256)); default 0.01"),
+    ckpt_every: str | None = typer.Option(None, "--ckpt-every", help="tokens between checkpoints "
+                                             "(default: tokens/20)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | "
+                              "fp32"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile "
+                                           "(default: on for GPU)"),
+    seed: int = typer.Option(0, "--seed", help="initialisation and data-order seed"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train a µP Transformer (MiniCPM style) with any activation; checkpoints load with from_pretrained."""
+    from sparsinglaw.train import TrainConfig, parse_tokens
+    from sparsinglaw.train import train as run_train
+
+    cfg = TrainConfig(out=str(out), tokens=parse_tokens(tokens), preset=preset, act=act, d_model=d_model,
+                      n_layers=n_layers, head_dim=head_dim, batch_size=batch_size, seq_len=seq_len,
+                      grad_accum=grad_accum, lr=lr, seed=seed, data=data or None, tokenizer=tokenizer,
+                      vocab_size=vocab_size, device=device, dtype=dtype, compile=compile,
+                      ckpt_every=parse_tokens(ckpt_every) if ckpt_every else None, progress=not quiet)
+    result = run_train(cfg, resume=resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        loss = f", final train loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(f"trained {result.steps} steps ({result.tokens:,} tokens){loss}{val}, "
+              f"{result.tokens_per_s:,.0f} tokens/s; {len(result.checkpoints)} new checkpoints in "
+              f"{out}/checkpoints")
 
 
 def main(argv: list[str] | None = None) -> None:
