@@ -29,6 +29,66 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+# --- measurement ------------------------------------------------------------------------------------
+
+def layer_ratios(meas, path: str | os.PathLike) -> Path:
+    """Per-layer activation ratio of one measurement, with the model mean as a dashed line."""
+    fig, ax = _figure()
+    idx = [layer["index"] for layer in meas.layers]
+    ratio = [layer["activation_ratio"] for layer in meas.layers]
+    ax.bar(idx, ratio, color=COLORS.get(meas.metric if meas.metric != "ppl" else "cett", "#1f77b4"))
+    ax.axhline(meas.activation_ratio, color="k", ls="--", lw=1, label=f"mean {meas.activation_ratio:.3f}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("activation ratio")
+    ax.set_title(f"{meas.model}: {meas.metric} {meas.params}", fontsize=10)
+    ax.legend()
+    return _save(fig, path)
+
+
+def token_heatmap(meas, path: str | os.PathLike) -> Path:
+    """Layer x token activation ratio of the first evaluated sequence."""
+    import numpy as np
+
+    data = np.asarray(meas.token_ratio)
+    fig, ax = _figure(8.0, 4.0)
+    ax.grid(False)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+    fig.colorbar(im, ax=ax, label="activation ratio")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{meas.model}: per-token activation ratio ({meas.metric})", fontsize=10)
+    return _save(fig, path)
+
+
+def neuron_frequency(meas, path: str | os.PathLike) -> Path:
+    """Distribution of neuron activation frequencies (times kept / tokens), all layers pooled."""
+    fig, ax = _figure()
+    ax.hist(meas.neuron_frequency.ravel(), bins=50, range=(0, 1), color="#555555")
+    ax.set_yscale("log")
+    ax.set_xlabel("activation frequency (kept / tokens)")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"{meas.model}: dead (<0.1%) {100 * meas.dead_neuron_ratio:.2f}% of neurons", fontsize=10)
+    return _save(fig, path)
+
+
+def tradeoff(tr, path: str | os.PathLike) -> Path:
+    """PPL ratio versus activation ratio of the four metrics on one chart (the paper's Figure 2)."""
+    fig, ax = _figure()
+    for metric in ("cett", "topk", "fat", "zero"):
+        pts = sorted((p["activation_ratio"], p["ppl_ratio"]) for p in tr.points if p["metric"] == metric)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "o-" if len(pts) > 1 else "s", color=COLORS[metric], label=metric.upper()
+                    if metric != "topk" else "Top-k", ms=4)
+    ax.axhline(1.01, color="k", ls=":", lw=1, label="+1% PPL")
+    ax.set_xlabel("activation ratio")
+    ax.set_ylabel("PPL ratio (sparse / dense)")
+    ax.set_yscale("log")
+    ax.set_title(f"{tr.model}: PPL vs activation ratio", fontsize=10)
+    ax.legend()
+    return _save(fig, path)
+
+
 # --- laws (issue 3): fitted curves, linearised view, several runs, width-depth ---------------------------
 
 

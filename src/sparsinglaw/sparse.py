@@ -34,6 +34,7 @@ class Rule:
     kind: str
     value: float = 0.0
     thresholds: torch.Tensor | None = None  # (L,) for cett / abs
+    recorded: dict[int, list[torch.Tensor]] | None = None  # topk_pooled: each layer's |s| cut, per batch
 
     @property
     def need_s(self) -> bool:
@@ -47,7 +48,10 @@ class Rule:
         if self.kind == "fat":
             return metrics.keep_fat(s, self.value)
         if self.kind == "topk_pooled":
-            return metrics.keep_topk_pooled(s, self.value)
+            cut = metrics.topk_pooled_threshold(s, self.value)
+            if self.recorded is not None:
+                self.recorded.setdefault(i, []).append(cut)
+            return s.abs() >= cut.to(s.dtype)
         if self.kind == "topk_token":
             return metrics.keep_topk_per_token(s, self.value)
         if self.kind == "cett":

@@ -1,0 +1,228 @@
+"""Metrics, CETT threshold searches and CETT-PPL-p% checked against brute force and the authors' search."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tiny
+import torch
+
+from sparsinglaw import metrics
+from sparsinglaw.measure import measure
+from sparsinglaw.search import fast_search, reference_search, solve_tau
+from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass, sparsify
+
+
+def _train(model: torch.nn.Module, steps: int = 80, seed: int = 0) -> list[torch.Tensor]:
+    """Fit a tiny model to shifted copies of a random sequence for a few seconds, so that dropping
+    neurons really costs perplexity (random weights barely react); return its evaluation batches."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(1, tiny.VOCAB, (48,), generator=g)
+    seqs = torch.stack([base.roll(i) for i in range(16)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=seqs, labels=seqs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return list(seqs.split(4))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = tiny.tiny_model("llama", act="silu")
+    return model, _train(model)
+
+
+@pytest.fixture(scope="module")
+def trained_relu():
+    torch.manual_seed(1)
+    model = tiny.tiny_model("llama", act="relu")
+    return model, _train(model, seed=1)
+
+
+# --- CETT against brute force -------------------------------------------------------------------------
+
+def _brute_cett(h: torch.Tensor, w: torch.Tensor, t: float) -> float:
+    """Sum the weak neurons' output vectors n_i = h_i W[:, i] one by one, token by token."""
+    errs = []
+    for row in h.double():
+        n = row[:, None] * w.double().t()  # (d_f, d_h): one output vector per neuron
+        weak = n.norm(dim=1) <= t
+        errs.append((n[weak].sum(0).norm() / n.sum(0).norm()).item())
+    return sum(errs) / len(errs)
+
+
+def test_cett_matches_brute_force_per_token_sum():
+    torch.manual_seed(0)
+    h = torch.randn(3, 20, 12)  # 3 layers, 20 tokens, d_f 12
+    w = torch.randn(3, 5, 12)
+    norms = w.norm(dim=1)
+    dense = metrics.DenseLayers.build(list(h), w, norms)
+    a = h.abs() * norms[:, None, :]
+    for layer in range(3):
+        for q in (0.1, 0.5, 0.9):
+            t = torch.quantile(a[layer].flatten(), q).item()
+            fast = dense.cett(torch.tensor([layer]), torch.tensor([t])).item()
+            assert fast == pytest.approx(_brute_cett(h[layer], w[layer], t), rel=1e-5)
+
+
+def test_memoised_batched_search_returns_the_reference_candidates():
+    torch.manual_seed(1)
+    h = torch.randn(4, 64, 32).relu() + 0.01 * torch.randn(4, 64, 32)
+    w = torch.randn(4, 16, 32)
+    norms = w.norm(dim=1)
+    search = metrics.ThresholdSearch(metrics.DenseLayers.build(list(h), w, norms))
+    for tau in (0.05, 0.5, 0.2, 0.21, 0.205):
+        got = search.thresholds(tau)
+        want = [metrics.reference_layer_threshold(h[i], w[i], norms[i], tau) for i in range(4)]
+        assert got.tolist() == pytest.approx(want, rel=1e-6)
+    # memoisation: taus near earlier ones start from a narrow bracket (the root finder's late rounds)
+    before = search.evaluations
+    search.thresholds(0.2075)
+    assert search.evaluations - before < 4 * 16 / 2
+
+
+def test_cett_threshold_is_largest_candidate_within_tau():
+    torch.manual_seed(2)
+    h, w = torch.randn(1, 50, 24), torch.randn(1, 8, 24)
+    norms = w.norm(dim=1)
+    dense = metrics.DenseLayers.build(list(h), w, norms)
+    search = metrics.ThresholdSearch(dense)
+    t = search.thresholds(0.25)
+    grid = search.grid[0]
+    i = int((grid == t[0]).nonzero()[0])
+    assert dense.cett(torch.tensor([0]), t).item() <= 0.25
+    assert dense.cett(torch.tensor([0]), grid[i + 1:i + 2]).item() > 0.25
+
+
+# --- the four metrics' masks --------------------------------------------------------------------------
+
+def test_topk_pooled_keeps_fraction_k_of_the_whole_tensor_and_per_token_keeps_k_each():
+    torch.manual_seed(3)
+    s = torch.randn(8, 16, 50)
+    pooled = metrics.keep_topk_pooled(s, 0.2)
+    assert pooled.float().mean().item() == pytest.approx(0.2, abs=1e-3)
+    per_tok = metrics.keep_topk_per_token(s, 0.2)
+    assert (per_tok.sum(-1) == 10).all()
+    assert pooled.sum(-1).float().std() > 0  # pooled: per-token ratios vary
+
+
+def test_fat_and_zero_masks_follow_their_definitions():
+    s = torch.tensor([0.0, -0.05, 0.2, -0.3, 0.0, 1.0])
+    assert metrics.keep_fat(s, 0.1).tolist() == [False, False, True, True, False, True]
+    assert metrics.keep_zero(s).tolist() == [False, True, True, True, False, True]
+
+
+def test_zero_metric_on_relu_counts_nonzero_activations_and_keeps_ppl(trained_relu):
+    model, batches = trained_relu
+    meas = measure(model, batches, "zero", progress=False)
+    m = Model(model)
+    nonzero, total = 0, 0
+    seen: dict[int, torch.Tensor] = {}
+    from sparsinglaw.sites import hooked
+
+    def grab(i, h, s):
+        seen[i] = s
+
+    with torch.no_grad():
+        for ids in batches:
+            with hooked(m.sites, grab, need_s=True):
+                model(input_ids=ids)
+            for s in seen.values():
+                nonzero += int((s != 0).sum())
+                total += s.numel()
+    assert meas.activation_ratio == pytest.approx(nonzero / total, rel=1e-9)
+    assert meas.activation_ratio < 0.9
+    assert meas.ppl_ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_topk_measurement_reports_k_and_exports_thresholds(trained):
+    model, batches = trained
+    meas = measure(model, batches, "topk", k=0.3, progress=False)
+    assert meas.activation_ratio == pytest.approx(0.3, abs=0.01)
+    assert meas.ppl_ratio > 1.0
+    assert meas.thresholds is not None and meas.thresholds.kind == "abs"
+
+
+# --- CETT-PPL-p%: fast against the authors' reference -----------------------------------------------------
+
+def test_fast_search_agrees_with_reference_search(trained):
+    model, batches = trained
+    m = Model(model)
+    fast = fast_search(m, batches, p=1.0, progress=False)
+    ref = reference_search(m, batches, p=1.0, tol=1e-5, progress=False)
+    target = 1.01
+    assert abs(fast.evaluation.ppl_ratio / target - 1) <= 1e-3  # realised PPL ratio within 0.1% of 1 + p
+    assert fast.tau == pytest.approx(ref.tau, rel=0.02)
+    assert abs(fast.evaluation.activation_ratio - ref.evaluation.activation_ratio) <= 0.002
+    assert torch.allclose(fast.evaluation.thresholds, ref.evaluation.thresholds, rtol=0.02)
+    assert fast.forward_passes < ref.forward_passes / 5
+
+
+def test_fast_search_streams_batches_beyond_calibration_budget(trained):
+    model, batches = trained
+    m = Model(model)
+    whole = fast_search(m, batches, p=1.0, progress=False)
+    streamed = fast_search(m, batches, p=1.0, calib_tokens=batches[0].numel(), progress=False)
+    assert streamed.evaluation.tokens == whole.evaluation.tokens
+    assert abs(streamed.evaluation.ppl_ratio / 1.01 - 1) <= 2e-3
+    assert streamed.tau == pytest.approx(whole.tau, rel=0.1)
+
+
+def test_solver_reaches_target_on_a_power_law_curve_in_few_evaluations():
+    from types import SimpleNamespace
+
+    calls = []
+
+    def evaluate(tau):
+        calls.append(tau)
+        return SimpleNamespace(tau=tau, ppl_ratio=math.exp(0.4 * tau ** 2.7))
+
+    ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5)
+    assert abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5 and msg == ""
+    assert len(calls) <= 8
+
+
+def test_solver_says_when_target_is_unreachable():
+    from types import SimpleNamespace
+
+    ev, msg = solve_tau(lambda tau: SimpleNamespace(tau=tau, ppl_ratio=1.0 + 0.001 * tau), 1.01)
+    assert ev.tau == 1.0 and "even tau = 1" in msg
+
+
+# --- static thresholds: export, load, run sparsely ----------------------------------------------------------
+
+def test_static_thresholds_roundtrip_and_sparsify_reproduce_static_check(trained, tmp_path):
+    model, batches = trained
+    meas = measure(model, batches, "ppl", p=1.0, progress=False)
+    assert meas.static is not None
+    meas.thresholds.save(tmp_path / "thresholds.json")
+    th = Thresholds.load(tmp_path / "thresholds.json")
+    assert th.thresholds == pytest.approx(meas.thresholds.thresholds)
+    ratios = []
+    with torch.no_grad():
+        for ids in batches:
+            dense = model(input_ids=ids, labels=ids).loss.item()
+            with sparsify(model, tmp_path / "thresholds.json"):
+                sparse = model(input_ids=ids, labels=ids).loss.item()
+            ratios.append(math.exp(sparse - dense))
+    assert sum(ratios) / len(ratios) == pytest.approx(meas.static["ppl_ratio"], rel=1e-5)
+    again = measure(model, batches, thresholds=th, progress=False)
+    assert again.regime == "static"
+    assert again.ppl_ratio == pytest.approx(meas.static["ppl_ratio"], rel=1e-6)
+    data = json.loads((tmp_path / "thresholds.json").read_text())
+    assert [layer["index"] for layer in data["layers"]] == list(range(len(th.thresholds)))
+
+
+def test_cett_rule_drops_neurons_below_threshold_over_column_norm(trained):
+    model, batches = trained
+    m = Model(model)
+    th = torch.tensor([0.05] * m.n_layers)
+    r = run_pass(m, batches[0], Rule("cett", thresholds=th), detail=True)
+    assert 0 < r.layer_ratio.mean() < 1
