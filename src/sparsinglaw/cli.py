@@ -16,6 +16,91 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Activation sparsity of LLMs: measure, train, track, fit (arXiv 2411.02335).")
 
 
+def _load(model: str, device: str, dtype: str, data, tokens: int, seq_len: int, batch_size: int):
+    from sparsinglaw.data import eval_batches
+    from sparsinglaw.models import load_model
+
+    if tokens < 1 or seq_len < 2 or batch_size < 1:
+        raise UserError("--tokens and --batch-size must be >= 1 and --seq-len >= 2")
+    if data is not None and not Path(data).exists():  # fail before the (slow) model load
+        raise UserError(f"data path {data} does not exist; pass a text file, a folder of .txt/.md files, or JSONL")
+    lm = load_model(model, device=device, dtype=dtype)
+    return lm, eval_batches(lm.tokenizer, data, tokens, seq_len, batch_size)
+
+
+@app.command()
+def measure(
+    model: str = typer.Option("smollm2-135m", help="HF folder, .gguf file, hub id, or smollm2-135m"),
+    data: Path | None = typer.Option(None, help="text file, folder of .txt/.md, or JSONL with 'text' "
+                                                   "(default: English prose shipped with CPython)"),
+    metric: str = typer.Option("ppl", help="zero | topk | fat | cett | ppl (CETT-PPL-p%)"),
+    p: float = typer.Option(1.0, help="PPL increase in percent, for --metric ppl"),
+    tau: float | None = typer.Option(None, help="CETT tau in [0, 1], for --metric cett"),
+    k: float | None = typer.Option(None, help="kept fraction in (0, 1], for --metric topk"),
+    topk_mode: str = typer.Option("pooled", help="pooled (authors' code) | per-token (paper's prose)"),
+    eps: float | None = typer.Option(None, help="FAT threshold on |activation|, for --metric fat"),
+    search: str = typer.Option("fast", help="fast | reference (the authors' published search)"),
+    tol: float = typer.Option(1e-6, help="tau tolerance of the reference search (authors: 1e-6 demo, 1e-3 pipeline)"),
+    thresholds: Path | None = typer.Option(None, help="apply a frozen thresholds.json (static regime)"),
+    tokens: int = typer.Option(8192, help="evaluation tokens"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    batch_size: int = typer.Option(4, help="sequences per batch (thresholds are searched per batch)"),
+    calib_tokens: int | None = typer.Option(None, help="fast search: tokens whose dense intermediates are "
+                                                          "held at once (default: all); the rest is streamed"),
+    positions: str = typer.Option("all", help="which positions count: all | labeled"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16"),
+    out: Path = typer.Option(Path("sparsinglaw-out"), help="output folder"),
+    quiet: bool = typer.Option(False, help="no progress output"),
+) -> None:
+    """Measure activation sparsity with one metric; write measurement.json, thresholds.json and plots."""
+    from sparsinglaw.io import staged_dir
+    from sparsinglaw.measure import _check_params
+    from sparsinglaw.measure import measure as run_measure
+    from sparsinglaw.sparse import Thresholds
+
+    th = Thresholds.load(thresholds) if thresholds is not None else None
+    if th is None:
+        _check_params(metric, p, tau, k, eps)
+    if search not in ("fast", "reference"):
+        raise UserError(f"unknown --search {search!r}; use fast or reference")
+    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size)
+    result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
+                         search=search, tol=tol, positions=positions, calib_tokens=calib_tokens,
+                         thresholds=th, name=lm.name, progress=not quiet)
+    with staged_dir(out) as stage:
+        result.save(stage)
+    print(result.summary())
+    print(f"wrote {out}/measurement.json" + (", thresholds.json" if result.thresholds else "") + " and plots")
+
+
+@app.command()
+def tradeoff(
+    model: str = typer.Option("smollm2-135m", help="HF folder, .gguf file, hub id, or smollm2-135m"),
+    data: Path | None = typer.Option(None, help="text source (default: CPython's English prose)"),
+    tokens: int = typer.Option(4096, help="evaluation tokens"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    batch_size: int = typer.Option(4, help="sequences per batch"),
+    positions: str = typer.Option("all", help="which positions count: all | labeled"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
+    out: Path = typer.Option(Path("sparsinglaw-tradeoff"), help="output folder"),
+    quiet: bool = typer.Option(False, help="no progress output"),
+) -> None:
+    """PPL versus activation ratio of CETT, Top-k, FAT and zero on the same data (paper Figure 2)."""
+    from sparsinglaw.io import staged_dir
+    from sparsinglaw.measure import tradeoff as run_tradeoff
+
+    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size)
+    result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
+    with staged_dir(out) as stage:
+        result.save(stage)
+    print(f"{'metric':<6} {'param':>10} {'act. ratio':>10} {'PPL ratio':>10}")
+    for pt in result.points:
+        print(f"{pt['metric']:<6} {pt['value']:>10.4g} {pt['activation_ratio']:>10.4f} {pt['ppl_ratio']:>10.5f}")
+    print(f"wrote {out}/tradeoff.json and tradeoff.png")
+
+
 @app.command()
 def fit(
     paths: list[str] = typer.Argument(..., help="Series files (.json or .csv; a tracked run's series.json "
