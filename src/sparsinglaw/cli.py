@@ -186,6 +186,7 @@ def train(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile "
                                            "(default: on for GPU)"),
     seed: int = typer.Option(0, "--seed", help="initialisation and data-order seed"),
+    log_every: int = typer.Option(10, "--log-every", help="steps between log.jsonl records"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Train a µP Transformer (MiniCPM style) with any activation; checkpoints load with from_pretrained."""
@@ -196,7 +197,8 @@ def train(
                       n_layers=n_layers, head_dim=head_dim, batch_size=batch_size, seq_len=seq_len,
                       grad_accum=grad_accum, lr=lr, seed=seed, data=data or None, tokenizer=tokenizer,
                       vocab_size=vocab_size, device=device, dtype=dtype, compile=compile,
-                      ckpt_every=parse_tokens(ckpt_every) if ckpt_every else None, progress=not quiet)
+                      ckpt_every=parse_tokens(ckpt_every) if ckpt_every else None, log_every=log_every,
+                      progress=not quiet)
     result = run_train(cfg, resume=resume)
     import torch.distributed as dist
 
