@@ -112,7 +112,7 @@ class Batches:
             xy = xy.pin_memory().to(device, non_blocking=True)
         else:
             xy = xy.to(device)
-        return xy[:, :-1], xy[:, 1:]
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
 
 def make_optimizer(model: MuPTransformer, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -148,6 +148,7 @@ def resolve_device(name: str | None, local_rank: int) -> torch.device:
             raise UserError("--device cuda requested but no CUDA GPU is available")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for anything left in fp32
     return device
 
 
