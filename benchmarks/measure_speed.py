@@ -1,0 +1,165 @@
+"""CETT-PPL-p% search speed: fast versus the authors' reference search on the same model and tokens.
+
+Reports wall time, forward passes, tau, activation ratio, realised PPL ratio and peak device memory,
+and (with --memory) the fast search's peak GPU memory at several evaluation-token counts.
+
+  # a trained checkpoint (answer check) on the GPU, 64K tokens:
+  python benchmarks/measure_speed.py --model runs/x/checkpoints/step-000500 --data DIR --tokens 65536 \
+      --seq-len 2048 --batch-size 8 --device cuda --runs fast,ref1e-6,ref1e-3
+  # the paper's 1.2B configuration with random weights: timing and memory at 64K and 1M tokens
+  python benchmarks/measure_speed.py --config 1.2b --random-tokens --runs fast,ref1e-3 --memory 65536,1048576
+  # this CPU: SmolLM2-135M, 8K tokens
+  python benchmarks/measure_speed.py --model smollm2-135m --tokens 8192 --device cpu --runs fast
+
+Writes benchmarks/results/measure_speed_<tag>.json (date, hardware, versions, rows) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsinglaw.search import fast_search, reference_search
+from sparsinglaw.sparse import Model
+
+PAPER_VOCAB = 122_753
+
+
+def build_random(config: str, device: torch.device, dtype: torch.dtype):
+    """The paper's shape (SPEC section 5) as a Llama model with random weights (times passes only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsinglaw.train.presets import get_preset
+
+    pr = get_preset(config)
+    cfg = LlamaConfig(vocab_size=PAPER_VOCAB, hidden_size=pr.d_model, intermediate_size=int(2.5 * pr.d_model),
+                      num_hidden_layers=pr.n_layers, num_attention_heads=pr.d_model // pr.head_dim,
+                      num_key_value_heads=pr.d_model // pr.head_dim, hidden_act="silu", max_position_embeddings=8192,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval(), f"random {config} (d_h {pr.d_model}, L {pr.n_layers}, vocab {PAPER_VOCAB})"
+
+
+def batches_for(args, tokenizer, vocab: int, tokens: int) -> list[torch.Tensor]:
+    if args.random_tokens or tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        flat = torch.randint(0, vocab, (tokens // args.seq_len, args.seq_len), generator=g)
+        return list(flat.split(args.batch_size))
+    from sparsinglaw.data import eval_batches
+
+    return eval_batches(tokenizer, args.data, tokens, args.seq_len, args.batch_size)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(kind: str, m: Model, batches, args, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    if kind == "fast":
+        res = fast_search(m, batches, args.p, calib_tokens=args.calib_tokens, progress=not args.quiet)
+    elif kind.startswith("ref"):
+        res = reference_search(m, batches, args.p, tol=float(kind[3:]), progress=not args.quiet)
+    else:
+        raise SystemExit(f"unknown run {kind!r}; use fast, ref1e-6, ref1e-3")
+    sync(device)
+    wall = time.perf_counter() - t0
+    ev = res.evaluation
+    return {"run": kind, "tokens": sum(b.numel() for b in batches), "batches": len(batches), "wall_s": wall,
+            "forward_passes": res.forward_passes, "full_passes": res.full_passes, "evaluations": len(res.history),
+            "masked_products": res.masked_products, "tau": res.tau, "activation_ratio": ev.activation_ratio,
+            "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder / built-in name (a trained model: the answer check)")
+    ap.add_argument("--config", help="paper preset with random weights (0.1b, 1.2b, ...): timing and memory")
+    ap.add_argument("--data", default=None, help="text source for --model (default: CPython's prose)")
+    ap.add_argument("--random-tokens", action="store_true", help="uniform random token ids instead of text")
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--p", type=float, default=1.0)
+    ap.add_argument("--runs", default="fast,ref1e-6,ref1e-3")
+    ap.add_argument("--memory", default="", help="comma list of token counts for the fast search's peak memory")
+    ap.add_argument("--calib-tokens", type=int, default=None, help="fast search's dense-intermediate budget")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tag", default=None, help="result file suffix (default: device and model)")
+    ap.add_argument("--out", default=None, help="also copy the JSON here (a folder)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    from sparsinglaw.models import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.model:
+        lm = load_model(args.model, device=str(device), dtype=args.dtype)
+        model, tokenizer, label = lm.model, lm.tokenizer, lm.name
+    else:
+        model, label = build_random(args.config or "0.1b", device, dtype)
+        tokenizer = None
+    vocab = model.config.vocab_size
+    m = Model(model)
+    rows = []
+    batches = batches_for(args, tokenizer, vocab, args.tokens)
+    # warm-up: kernels, allocator
+    fast_search(m, batches[:1], args.p, progress=False) if device.type == "cuda" else None
+    for kind in [r for r in args.runs.split(",") if r]:
+        rows.append(run_one(kind, m, batches, args, device))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    memory = []
+    for n in [int(x) for x in args.memory.split(",") if x]:
+        memory.append(run_one("fast", m, batches_for(args, tokenizer, vocab, n), args, device))
+        print(json.dumps(memory[-1]), file=sys.stderr, flush=True)
+
+    fast = next((r for r in rows if r["run"] == "fast"), None)
+    for r in rows:
+        r["speedup_of_fast"] = r["wall_s"] / fast["wall_s"] if fast else None
+    hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    import transformers
+
+    result = {"benchmark": "measure_speed", "date": dt.datetime.now(dt.timezone.utc).isoformat(), "model": label,
+              "device": str(device), "dtype": str(dtype), "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "p": args.p, "calib_tokens": args.calib_tokens, "hardware": hw,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__},
+              "rows": rows, "memory": memory}
+    print(f"\n{label} on {device} ({dtype}), p = {args.p}%")
+    print(f"{'run':<9}{'tokens':>9}{'wall s':>9}{'passes':>8}{'evals':>6}{'tau':>11}{'act.ratio':>10}"
+          f"{'PPL ratio':>10}{'peak GiB':>9}{'fast x':>8}")
+    for r in rows + memory:
+        peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+        sp = f"{r.get('speedup_of_fast'):.1f}" if r.get("speedup_of_fast") else "-"
+        print(f"{r['run']:<9}{r['tokens']:>9}{r['wall_s']:>9.2f}{r['forward_passes']:>8}{r['evaluations']:>6}"
+              f"{r['tau']:>11.6f}{r['activation_ratio']:>10.4f}{r['ppl_ratio']:>10.5f}{peak:>9}{sp:>8}")
+    tag = args.tag or f"{device.type}_{(args.config or Path(label).name).replace('/', '_')}"
+    path = Path(__file__).resolve().parent / "results" / f"measure_speed_{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / path.name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
