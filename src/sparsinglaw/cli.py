@@ -16,16 +16,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Activation sparsity of LLMs: measure, train, track, fit (arXiv 2411.02335).")
 
 
-def _load(model: str, device: str, dtype: str, data, tokens: int, seq_len: int, batch_size: int):
-    from sparsinglaw.data import eval_batches
+def _load(model: str, device: str, dtype: str, data, tokens: int, seq_len: int, batch_size: int, quiet: bool):
+    """Read the text (so bad data fails before the slow model load), load the model, pack batches."""
+    from sparsinglaw.data import eval_batches, read_documents
     from sparsinglaw.models import load_model
 
     if tokens < 1 or seq_len < 2 or batch_size < 1:
         raise UserError("--tokens and --batch-size must be >= 1 and --seq-len >= 2")
-    if data is not None and not Path(data).exists():  # fail before the (slow) model load
-        raise UserError(f"data path {data} does not exist; pass a text file, a folder of .txt/.md files, or JSONL")
+    docs = read_documents(data)
+    if quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     lm = load_model(model, device=device, dtype=dtype)
-    return lm, eval_batches(lm.tokenizer, data, tokens, seq_len, batch_size)
+    return lm, eval_batches(lm.tokenizer, docs, tokens, seq_len, batch_size)
 
 
 @app.command()
@@ -64,7 +68,7 @@ def measure(
         _check_params(metric, p, tau, k, eps)
     if search not in ("fast", "reference"):
         raise UserError(f"unknown --search {search!r}; use fast or reference")
-    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size)
+    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
     result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
                          search=search, tol=tol, positions=positions, calib_tokens=calib_tokens,
                          thresholds=th, name=lm.name, progress=not quiet)
@@ -91,7 +95,7 @@ def tradeoff(
     from sparsinglaw.io import staged_dir
     from sparsinglaw.measure import tradeoff as run_tradeoff
 
-    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size)
+    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
     result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
     with staged_dir(out) as stage:
         result.save(stage)

@@ -111,10 +111,11 @@ def read_documents(source: str | Path | None) -> list[str]:
     return docs
 
 
-def eval_batches(tokenizer, source: str | Path | None, tokens: int, seq_len: int,
+def eval_batches(tokenizer, source: str | Path | list[str] | None, tokens: int, seq_len: int,
                  batch_size: int) -> list[torch.Tensor]:
     """Pack documents (joined by EOS) into (batch_size, seq_len) batches totalling about `tokens` tokens.
 
+    `source` is anything `read_documents` takes, or the documents themselves (read once, checked early).
     Only whole sequences are used; the last batch may have fewer rows.
     """
     if seq_len < 2 or batch_size < 1 or tokens < 1:
@@ -123,7 +124,7 @@ def eval_batches(tokenizer, source: str | Path | None, tokens: int, seq_len: int
     need = n_seq * seq_len
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for doc in read_documents(source):
+    for doc in source if isinstance(source, list) else read_documents(source):
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
