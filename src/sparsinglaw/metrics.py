@@ -77,16 +77,20 @@ class DenseLayers:
         return self.h.shape[0]
 
     def cett(self, layers: torch.Tensor, t: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
-        """Mean over tokens of ||sum_{a_i <= t} n_i|| / ||y|| for each (layer, threshold) pair."""
+        """Mean over tokens of ||sum_{a_i <= t} n_i|| / ||y|| for each (layer, threshold) pair.
+
+        a_i <= t is tested as |h_i| <= t / ||W_down[:, i]|| so that no (tokens x d_f) product is formed.
+        """
         m, d_f = self.h.shape[1], self.h.shape[2]
         chunk = max(1, budget // max(1, len(layers) * d_f))
-        w_t = self.w[layers].transpose(1, 2)
-        norms = self.norms[layers][:, None, :]
-        tt = t.float()[:, None, None]
+        every = len(layers) == self.n_layers and bool((layers == torch.arange(self.n_layers,
+                                                                              device=layers.device)).all())
+        w_t = (self.w if every else self.w[layers]).transpose(1, 2)
+        cut = (t.float()[:, None] / self.norms[layers])[:, None, :]  # (G, 1, d_f), fp32 like the reference
         total = torch.zeros(len(layers), device=self.h.device, dtype=torch.float32)
         for lo in range(0, m, chunk):
-            hc = self.h[layers, lo:lo + chunk]
-            weak = hc * (hc.abs().float() * norms <= tt).to(hc.dtype)
+            hc = self.h[:, lo:lo + chunk] if every else self.h[layers, lo:lo + chunk]
+            weak = torch.where(hc.abs() <= cut, hc, 0)
             e = _rownorm(torch.bmm(weak, w_t)) / self.y_norm[layers, lo:lo + chunk]
             total += e.sum(dim=1)
         return total / m
