@@ -178,10 +178,11 @@ class ThresholdSearch:
             probes = []
             for layer in active:
                 lo, c_lo, hi, c_hi = state[layer]
-                if slow[layer] >= 1 or c_hi <= c_lo:
+                frac = (tau - c_lo) / (c_hi - c_lo) if c_hi > c_lo else math.nan
+                if slow[layer] >= 1 or not math.isfinite(frac):
                     x = (lo + hi) // 2
                 else:
-                    x = lo + round((tau - c_lo) / (c_hi - c_lo) * (hi - lo))
+                    x = lo + round(frac * (hi - lo))
                 probes.append(min(max(x, lo + 1), hi - 1))
             layers = torch.as_tensor(active, device=self.grid.device)
             t = self.grid[layers, torch.as_tensor(probes, device=self.grid.device)]
