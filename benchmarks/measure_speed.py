@@ -72,10 +72,12 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
     t0 = time.perf_counter()
     if kind == "fast":
         res = fast_search(m, batches, args.p, calib_tokens=args.calib_tokens, progress=not args.quiet)
+    elif kind == "fast-replay":
+        res = replay_fast(m, batches, args)
     elif kind.startswith("ref"):
         res = reference_search(m, batches, args.p, tol=float(kind[3:]), progress=not args.quiet)
     else:
-        raise SystemExit(f"unknown run {kind!r}; use fast, ref1e-6, ref1e-3")
+        raise SystemExit(f"unknown run {kind!r}; use fast, fast-replay, ref1e-6, ref1e-3")
     sync(device)
     wall = time.perf_counter() - t0
     ev = res.evaluation
@@ -83,7 +85,26 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
             "forward_passes": res.forward_passes, "full_passes": res.full_passes, "evaluations": len(res.history),
             "masked_products": res.masked_products, "tau": res.tau, "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
+            "taus": [h["tau"] for h in res.history],
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def replay_fast(m: Model, batches, args):
+    """The fast search's work for a given tau sequence (e.g. the one it took on a trained model of the same
+    family): random weights never reach +p% PPL, so the real search would stop early and time too little."""
+    from sparsinglaw import search as s
+
+    taus = [float(x) for x in args.replay_taus.split(",")]
+    counter = s._Counter(len(batches))
+    t0 = time.perf_counter()
+    states = [s._BatchState(m, ids, "all", counter) for ids in batches]
+    history = []
+    for tau in taus:
+        ev = s._combine(tau, s._evaluate_states(m, states, tau, "all", counter, detail=True))
+        history.append(ev.brief())
+    return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
+                          counter.passes / len(batches), counter.products, time.perf_counter() - t0,
+                          f"replayed taus {taus}")
 
 
 def main() -> None:
@@ -98,6 +119,8 @@ def main() -> None:
     ap.add_argument("--p", type=float, default=1.0)
     ap.add_argument("--runs", default="fast,ref1e-6,ref1e-3")
     ap.add_argument("--memory", default="", help="comma list of token counts for the fast search's peak memory")
+    ap.add_argument("--replay-taus", default="0.1,0.2,0.17,0.175,0.1745,0.17452",
+                    help="tau sequence for the fast-replay run")
     ap.add_argument("--calib-tokens", type=int, default=None, help="fast search's dense-intermediate budget")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")

@@ -76,12 +76,14 @@ class DenseLayers:
     def n_layers(self) -> int:
         return self.h.shape[0]
 
-    def cett(self, layers: torch.Tensor, t: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
+    def cett(self, layers: torch.Tensor, t: torch.Tensor, budget: int | None = None) -> torch.Tensor:
         """Mean over tokens of ||sum_{a_i <= t} n_i|| / ||y|| for each (layer, threshold) pair.
 
         a_i <= t is tested as |h_i| <= t / ||W_down[:, i]|| so that no (tokens x d_f) product is formed.
         """
         m, d_f = self.h.shape[1], self.h.shape[2]
+        if budget is None:  # elements of h per chunk: large on a GPU (few launches), cache-sized on a CPU
+            budget = 1 << 28 if self.h.is_cuda else 1 << 24
         chunk = max(1, budget // max(1, len(layers) * d_f))
         every = len(layers) == self.n_layers and bool((layers == torch.arange(self.n_layers,
                                                                               device=layers.device)).all())

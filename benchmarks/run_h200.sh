@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, one device call per stage (the H200 has torch 2.11, transformers 5.17, no network).
+#   bash benchmarks/run_h200.sh measure   # issue 2: train a 0.1B model for minutes, fast vs reference search
+#                                         #          on it (64K tokens), then the 1.2B shape: timing and memory
+#   bash benchmarks/run_h200.sh train     # issue 4: MFU of the 0.1B preset, ReLU vs SiLU study + tracking
+# Results land in benchmarks/results/ and in $OUT (the device tool copies $OUT back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export SPARSINGLAW_CACHE=/tmp/slcache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SL="python3 -m sparsinglaw"
+STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= 128K tokens
+  python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=131072)"
+}
+case "${1:-}" in
+measure)
+  corpus /tmp/corpus
+  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-24M}" --seq-len 2048 --batch-size 16 \
+    --grad-accum 2 --data /tmp/corpus --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -4
+  CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
+  cp /tmp/runs/b01/log.jsonl "$OUT/train_0.1b_log.jsonl"
+  timeout 240 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus/val.jsonl --tokens 65536 \
+    --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 --tag h200_0.1b_trained --out "$OUT" --quiet
+  TAUS=$(python3 -c "import json; r=json.load(open('benchmarks/results/measure_speed_h200_0.1b_trained.json'))['rows'][0]; print(','.join(str(t) for t in r['taus']))" 2>/dev/null || echo 0.1,0.2,0.17,0.175,0.1745)
+  timeout 300 python3 benchmarks/measure_speed.py --config 1.2b --random-tokens --tokens 65536 --seq-len 2048 \
+    --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
+    --tag h200_1.2b_random --out "$OUT" --quiet
+  ;;
+*) echo "usage: $0 measure|train"; exit 2 ;;
+esac
