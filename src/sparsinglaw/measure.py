@@ -143,7 +143,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
             raise UserError(f"thresholds have {len(thresholds.thresholds)} layers, the model has {m.n_layers}")
         regime, metric = "static", thresholds.metric or thresholds.kind
         params = dict(thresholds.params)
-        ev = search_mod._combine(float("nan"), _passes(m, batches, thresholds.rule(m.device), positions,
+        ev = search_mod.combine(float("nan"), _passes(m, batches, thresholds.rule(m.device), positions,
                                                       progress, "static"))
         static_check = False
     else:
@@ -159,8 +159,8 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
             ev, search_json, cett_tau = res.evaluation, res.to_json(), res.tau
         elif metric == "cett":
             params = {"tau": tau}
-            counter = search_mod._Counter(len(batches))
-            ev = search_mod._combine(tau, search_mod._stream(m, batches, tau, positions, counter, detail=True))
+            counter = search_mod.PassCounter(len(batches))
+            ev = search_mod.combine(tau, search_mod.stream(m, batches, tau, positions, counter, detail=True))
             cett_tau = tau
         else:
             if metric == "zero":
@@ -172,7 +172,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
                 params = {"k": k, "mode": topk_mode}
             else:
                 raise UserError(f"unknown --topk-mode {topk_mode!r}; use pooled or per-token")
-            ev = search_mod._combine(float("nan"), _passes(m, batches, rule, positions, progress, metric))
+            ev = search_mod.combine(float("nan"), _passes(m, batches, rule, positions, progress, metric))
             static_th = _static_for(metric, rule, m.n_layers, eps)
     if cett_tau is not None:
         th = ev.thresholds.mean(0).tolist()
@@ -181,7 +181,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
         static_th.model, static_th.metric = name, metric
     static = None
     if static_check and static_th is not None and cett_tau is not None:
-        sev = search_mod._combine(cett_tau, _passes(m, batches, static_th.rule(m.device), positions, progress,
+        sev = search_mod.combine(cett_tau, _passes(m, batches, static_th.rule(m.device), positions, progress,
                                                     "static check"))
         static = {"ppl_ratio": sev.ppl_ratio, "activation_ratio": sev.activation_ratio}
     return _finish(m, ev, name, metric, params, positions, len(batches), cett_tau, search_json, static, regime,
@@ -280,10 +280,10 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
              + [("fat", "eps", e, Rule("fat", value=e)) for e in eps_values]
              + [("zero", "", 0.0, Rule("zero"))])
     acc: dict[int, list] = {j: [] for j in range(len(rules))}
-    counter = search_mod._Counter(len(batches))
+    counter = search_mod.PassCounter(len(batches))
     dense_losses = []
     for ids in tqdm(batches, desc="tradeoff", disable=not progress, file=sys.stderr):
-        st = search_mod._BatchState(m, ids, positions, counter)
+        st = search_mod.BatchState(m, ids, positions, counter)
         dense_losses.append(st.loss_dense)
         for j, (_metric, _, value, rule) in enumerate(rules):
             use = rule if rule is not None else Rule("cett", thresholds=st.search.thresholds(value))
@@ -291,7 +291,7 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
         del st
     points = []
     for j, (metric, pname, value, _rule) in enumerate(rules):
-        ev = search_mod._combine(value, acc[j])
+        ev = search_mod.combine(value, acc[j])
         points.append({"metric": metric, "param": pname, "value": value, "activation_ratio": ev.activation_ratio,
                        "ppl_ratio": ev.ppl_ratio})
     return Tradeoff(model=name, activation=activation_name(model), tokens=sum(b.numel() for b in batches),

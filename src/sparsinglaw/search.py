@@ -76,14 +76,16 @@ class SearchResult:
                 "seconds": self.seconds, "history": self.history, "message": self.message}
 
 
-class _Counter:
+class PassCounter:
+    """Forward passes and masked products spent, for the cost reports."""
+
     def __init__(self, n_batches: int):
         self.passes = 0
         self.products = 0
         self.n_batches = n_batches
 
 
-def _combine(tau: float, parts: list[tuple[float, PassResult, torch.Tensor]]) -> Evaluation:
+def combine(tau: float, parts: list[tuple[float, PassResult, torch.Tensor]]) -> Evaluation:
     """Merge per-batch (dense loss, sparse pass, thresholds) into one Evaluation."""
     ratios = [math.exp(r.loss - dl) for dl, r, _ in parts]
     first = parts[0][1]
@@ -183,10 +185,10 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
 
 # --- fast search ----------------------------------------------------------------------------------------
 
-class _BatchState:
+class BatchState:
     """One batch's dense loss and memoised per-layer threshold search."""
 
-    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: _Counter):
+    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter):
         dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
         counter.passes += 1
         self.ids = ids
@@ -194,8 +196,9 @@ class _BatchState:
         self.search = ThresholdSearch(DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack))
 
 
-def _evaluate_states(m: Model, states: list[_BatchState], tau: float, positions: str, counter: _Counter,
-                     detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: str, counter: PassCounter,
+                    detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+    """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search)."""
     parts = []
     for st in states:
         before = st.search.evaluations
@@ -207,13 +210,13 @@ def _evaluate_states(m: Model, states: list[_BatchState], tau: float, positions:
     return parts
 
 
-def _stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, counter: _Counter,
-            detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+def stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, counter: PassCounter,
+           detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
     """Batches beyond the calibration budget: dense pass, thresholds, sparse pass, then freed."""
     parts = []
     for ids in batches:
-        st = _BatchState(m, ids, positions, counter)
-        parts += _evaluate_states(m, [st], tau, positions, counter, detail)
+        st = BatchState(m, ids, positions, counter)
+        parts += evaluate_states(m, [st], tau, positions, counter, detail)
         del st
     return parts
 
@@ -234,15 +237,15 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
                 progress: bool = True) -> SearchResult:
     target = check_p(p)
     t0 = time.perf_counter()
-    counter = _Counter(len(batches))
+    counter = PassCounter(len(batches))
     calib, rest = split_calibration(batches, calib_tokens)
     _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
          + (f", {len(rest)} more batches streamed" if rest else ""), progress)
-    states = [_BatchState(m, ids, positions, counter) for ids in calib]
+    states = [BatchState(m, ids, positions, counter) for ids in calib]
     history: list[dict] = []
 
     def evaluate(tau: float, stream_target: float | None = None) -> Evaluation:
-        ev = _combine(tau, _evaluate_states(m, states, tau, positions, counter, detail=True))
+        ev = combine(tau, evaluate_states(m, states, tau, positions, counter, detail=True))
         history.append({**ev.brief(), "batches": len(states)})
         _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}", progress)
         return ev
@@ -252,9 +255,9 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     if rest:
         # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance
         for _ in range(3):
-            parts = _evaluate_states(m, states, ev.tau, positions, counter, detail=True)
-            parts += _stream(m, rest, ev.tau, positions, counter, detail=True)
-            full = _combine(ev.tau, parts)
+            parts = evaluate_states(m, states, ev.tau, positions, counter, detail=True)
+            parts += stream(m, rest, ev.tau, positions, counter, detail=True)
+            full = combine(ev.tau, parts)
             history.append({**full.brief(), "batches": len(batches)})
             _say(f"  all {len(batches)} batches at tau={ev.tau:.6f}: ppl_ratio={full.ppl_ratio:.5f}", progress)
             if abs(full.ppl_ratio / target - 1) <= 10 * ftol or full.ppl_ratio <= 1 or calib_ev.ppl_ratio <= 1:
@@ -276,7 +279,7 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
     """The authors' procedure, kept deliberately naive: it is the cost the fast search must beat."""
     target = check_p(p)
     t0 = time.perf_counter()
-    counter = _Counter(len(batches))
+    counter = PassCounter(len(batches))
     w = m.w_stack
     history: list[dict] = []
     lo, hi = 0.0, 1.0
@@ -293,7 +296,7 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
             counter.passes += 2
             parts.append((dense.loss, r, th))
             del dense
-        ev = _combine(tau, parts)
+        ev = combine(tau, parts)
         history.append({**ev.brief(), "batches": len(batches)})
         _say(f"  [reference] tau={tau:.7f}  ppl_ratio={ev.ppl_ratio:.5f}  "
              f"activation_ratio={ev.activation_ratio:.4f}", progress)
@@ -304,3 +307,7 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
     seconds = time.perf_counter() - t0
     return SearchResult(f"reference(tol={tol:g})", ev.tau, target, ev, history, counter.passes,
                         counter.passes / len(batches), counter.products, seconds)
+
+
+# Old private names, kept for scripts written against them (benchmarks/measure_speed.py).
+_Counter, _BatchState, _combine, _evaluate_states, _stream = PassCounter, BatchState, combine, evaluate_states, stream
