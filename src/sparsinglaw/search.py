@@ -68,21 +68,27 @@ class SearchResult:
     masked_products: int  # per-layer masked (m x d_f)(d_f x d_h) products for CETT
     seconds: float
     message: str = ""
+    breakdown: dict = field(default_factory=dict)  # seconds in dense passes, threshold searches, sparse passes
 
     def to_json(self) -> dict:
         return {"method": self.method, "tau": self.tau, "target_ppl_ratio": self.target,
                 "evaluations": len(self.history), "forward_passes": self.forward_passes,
                 "full_passes": self.full_passes, "masked_products": self.masked_products,
-                "seconds": self.seconds, "history": self.history, "message": self.message}
+                "seconds": self.seconds, "breakdown": self.breakdown, "history": self.history,
+                "message": self.message}
 
 
 class PassCounter:
-    """Forward passes and masked products spent, for the cost reports."""
+    """Forward passes, masked products and seconds per phase spent, for the cost reports."""
 
     def __init__(self, n_batches: int):
         self.passes = 0
         self.products = 0
         self.n_batches = n_batches
+        self.seconds = {"dense": 0.0, "thresholds": 0.0, "sparse": 0.0}
+
+    def timed(self, phase: str, t0: float) -> None:
+        self.seconds[phase] += time.perf_counter() - t0
 
 
 def combine(tau: float, parts: list[tuple[float, PassResult, torch.Tensor]]) -> Evaluation:
@@ -201,11 +207,14 @@ def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: s
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search)."""
     parts = []
     for st in states:
-        before = st.search.evaluations
+        before, t0 = st.search.evaluations, time.perf_counter()
         th = st.search.thresholds(tau)
         counter.products += st.search.evaluations - before
+        counter.timed("thresholds", t0)
+        t0 = time.perf_counter()
         r = run_pass(m, st.ids, Rule("cett", thresholds=th), positions, detail=detail)
         counter.passes += 1
+        counter.timed("sparse", t0)
         parts.append((st.loss_dense, r, th))
     return parts
 
@@ -222,6 +231,10 @@ def stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, co
 
 
 def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> tuple[list, list]:
+    """Batches whose dense intermediates are held during the tau search, and the rest (streamed).
+
+    When anything is streamed, one batch of the budget is left for the streamed batch in flight, so the
+    peak memory is the same whatever the number of evaluation tokens."""
     if calib_tokens is None:
         return batches, []
     n, tot = 0, 0
@@ -229,6 +242,8 @@ def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> 
         if n and tot + b.numel() > calib_tokens:
             break
         n, tot = n + 1, tot + b.numel()
+    if n < len(batches) and n > 1:
+        n -= 1
     return batches[:n], batches[n:]
 
 
@@ -269,7 +284,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         ev = full
     seconds = time.perf_counter() - t0
     return SearchResult("fast", ev.tau, target, ev, history, counter.passes, counter.passes / len(batches),
-                        counter.products, seconds, message)
+                        counter.products, seconds, message, counter.seconds)
 
 
 # --- reference search -----------------------------------------------------------------------------------
