@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one device call per stage (the H200 has torch 2.11, transformers 5.17, no network).
-#   bash benchmarks/run_h200.sh measure   # issue 2: train a 0.1B model for minutes, fast vs reference search
-#                                         #          on it (64K tokens), then the 1.2B shape: timing and memory
-#   bash benchmarks/run_h200.sh train     # issue 4: MFU of the 0.1B preset, ReLU vs SiLU study + tracking
+#   bash benchmarks/run_h200.sh measure     # issue 2: train a 0.1B model for minutes, fast vs reference search
+#                                           #   on it (64K tokens), then the 1.2B shape: timing and memory
+#   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
+#   bash benchmarks/run_h200.sh study       # issue 4: ReLU vs SiLU of one small preset, tracked, laws fitted
+# Stages can be chained: bash benchmarks/run_h200.sh measure trainspeed
 # Results land in benchmarks/results/ and in $OUT (the device tool copies $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,9 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= 128K tokens
   python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=131072)"
 }
-case "${1:-}" in
+[ $# -gt 0 ] || { echo "usage: $0 measure|trainspeed|study ..."; exit 2; }
+for stage in "$@"; do
+case "$stage" in
 measure)
   corpus /tmp/corpus
   timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-24M}" --seq-len 2048 --batch-size 16 \
@@ -30,5 +34,20 @@ measure)
     --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
     --tag h200_1.2b_random --out "$OUT" --quiet
   ;;
-*) echo "usage: $0 measure|train"; exit 2 ;;
+trainspeed)
+  timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
+  ;;
+study)
+  [ -f /tmp/corpus/corpus.json ] || corpus /tmp/corpus
+  for act in relu silu; do
+    timeout 200 $SL train --preset "${STUDY_PRESET:-5m}" --act $act --tokens "${STUDY_TOKENS:-150M}" \
+      --ckpt-every "${STUDY_CKPT:-7500K}" --data /tmp/corpus --out results/study/$act --quiet 2>&1 | tail -2
+    timeout 150 $SL track results/study/$act --p 1 --quiet 2>&1 | tail -3
+  done
+  $SL fit results/study/relu/series.json results/study/silu/series.json --out results/study/fits 2>&1 | tail -12
+  rm -rf results/study/*/checkpoints
+  tar czf "$OUT/study.tgz" results/study
+  ;;
+*) echo "unknown stage $stage; use measure, trainspeed or study"; exit 2 ;;
 esac
+done
