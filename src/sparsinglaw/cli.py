@@ -192,6 +192,9 @@ def train(
     seed: int = typer.Option(0, "--seed", help="initialisation and data-order seed"),
     log_every: int = typer.Option(10, "--log-every", help="steps between log.jsonl records"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    track_online: bool = typer.Option(False, "--track-online", help="after each checkpoint, a cheap "
+                                      "CETT-PPL-1% measurement with its own tau (8K validation tokens) "
+                                      "appended to OUT/online.jsonl; `sparsinglaw track` gives the curve"),
 ) -> None:
     """Train a µP Transformer (MiniCPM style) with any activation; checkpoints load with from_pretrained."""
     from sparsinglaw.train import TrainConfig, parse_tokens
@@ -203,7 +206,12 @@ def train(
                       vocab_size=vocab_size, device=device, dtype=dtype, compile=compile,
                       ckpt_every=parse_tokens(ckpt_every) if ckpt_every else None, log_every=log_every,
                       progress=not quiet)
-    result = run_train(cfg, resume=resume)
+    hook = None
+    if track_online:
+        from sparsinglaw.track import OnlineTracker
+
+        hook = OnlineTracker(device=device, dtype=dtype)
+    result = run_train(cfg, resume=resume, on_checkpoint=hook)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -214,6 +222,35 @@ def train(
         print(f"trained {result.steps} steps ({result.tokens:,} tokens){loss}{val}, "
               f"{result.tokens_per_s:,.0f} tokens/s; {len(result.checkpoints)} new checkpoints in "
               f"{out}/checkpoints")
+
+
+@app.command()
+def track(
+    run: Path = typer.Argument(..., help="run folder written by `sparsinglaw train --out RUN`"),
+    p: float = typer.Option(1.0, "--p", help="PPL increase in percent that sets tau (CETT-PPL-p%)"),
+    tokens: str = typer.Option("64K", "--tokens", help="validation tokens per checkpoint (suffixes K, M; "
+                               "capped by the run's validation split)"),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="tokens per sequence (default: the run's)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="sequences per batch; thresholds are "
+                                          "searched per batch (default: the run's micro-batch)"),
+    last: int = typer.Option(5, "--last", help="calibrate tau on this many last checkpoints together"),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="recalibrate tau and measure every "
+                                     "checkpoint again"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16"),
+    out: Path | None = typer.Option(None, "--out", help="folder for series.json and plots (default: RUN)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+) -> None:
+    """Sparsity over a run: one tau on the last checkpoints, every checkpoint at it -> series.json, plots."""
+    from sparsinglaw.track import track as run_track
+    from sparsinglaw.train import parse_tokens
+
+    result = run_track(run, p=p, tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size,
+                       last=last, recalibrate=recalibrate, device=device, dtype=dtype, out=out,
+                       progress=not quiet)
+    print(result.summary())
+    print(f"wrote {result.path} and {len(result.plots)} plots; fit with: sparsinglaw fit {result.path} "
+          f"--out {result.path.parent / 'fit'}")
 
 
 def main(argv: list[str] | None = None) -> None:

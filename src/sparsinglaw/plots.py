@@ -188,3 +188,81 @@ def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: st
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# --- tracking (issue 4): one run's checkpoints at one tau --------------------------------------------------
+
+
+def _track_title(series: dict, what: str) -> str:
+    return f"{series.get('name', 'run')} ({series.get('activation') or '?'}): {what}, tau {series['tau']:.4f}"
+
+
+def track_activation_ratio(series: dict, path: str | os.PathLike) -> Path:
+    """Activation ratio (CETT-PPL-p% at the run's one tau) versus training tokens; calibration points marked."""
+    fig, ax = _figure()
+    color = _law_color(series.get("activation"))
+    tokens, ratio = series["tokens"], series["activation_ratio"]
+    ax.plot(tokens, ratio, "o-", ms=3.5, color=color, label=series.get("metric", "activation ratio"))
+    calib = set(series.get("calibration", {}).get("checkpoints", []))
+    pts = [(t, a) for t, a, ck in zip(tokens, ratio, series["checkpoints"]) if ck["name"] in calib]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "s", ms=7, mfc="none", color="black", label="calibration checkpoints")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("activation ratio")
+    ax.set_title(_track_title(series, "activation ratio"), fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def track_layer_heatmap(series: dict, path: str | os.PathLike) -> Path:
+    """Per-layer activation ratio (rows: layers) over checkpoints (columns), at the run's one tau."""
+    import numpy as np
+
+    data = np.asarray(series["layer_ratio"], dtype=float).T  # (L, checkpoints)
+    fig, ax = _figure(7.2, 4.0)
+    ax.grid(False)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower")
+    fig.colorbar(im, ax=ax, label="activation ratio")
+    n = data.shape[1]
+    ticks = sorted({0, n - 1, *range(0, n, max(1, n // 8))})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{series['tokens'][i]:.2g}" for i in ticks], rotation=45, fontsize=7)
+    ax.set_xlabel("checkpoint (training tokens)")
+    ax.set_ylabel("layer")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title(_track_title(series, "per-layer activation ratio"), fontsize=10)
+    return _save(fig, path)
+
+
+def track_dead_neurons(series: dict, path: str | os.PathLike) -> Path:
+    """Fraction of neurons active on under 0.1% of validation tokens, versus training tokens."""
+    fig, ax = _figure()
+    ax.plot(series["tokens"], series["dead_neuron_ratio"], "o-", ms=3.5, color="#555555")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("dead-neuron ratio (active on < 0.1% of tokens)")
+    ax.set_title(_track_title(series, "dead neurons"), fontsize=10)
+    return _save(fig, path)
+
+
+def track_frequency(series: dict, path: str | os.PathLike) -> Path:
+    """Neuron activation-frequency histograms of the first and the last checkpoint, all layers pooled."""
+    import numpy as np
+
+    fig, ax = _figure()
+    hists = series["frequency_histogram"]
+    for i, color in ((0, "#aaaaaa"), (len(hists) - 1, _law_color(series.get("activation")))):
+        h = hists[i]
+        if not h:
+            continue
+        edges = np.asarray(h["edges"])
+        ax.stairs(h["counts"], edges, color=color, lw=1.5, fill=i == 0, alpha=0.6 if i == 0 else 1.0,
+                  label=f"{series['checkpoints'][i]['name']} ({series['tokens'][i]:.3g} tokens)")
+    ax.set_yscale("log")
+    ax.set_xlabel("activation frequency (kept / tokens)")
+    ax.set_ylabel("neurons")
+    ax.set_title(_track_title(series, "neuron activation frequency"), fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

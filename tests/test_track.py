@@ -1,0 +1,186 @@
+"""Tracking: one tau calibrated on the last five checkpoints, every checkpoint measured at it, a series
+that `sparsinglaw fit` reads, incremental updates, the online hook and the Hugging Face callback.
+
+A real micro run (2 layers of width 32, 6 checkpoints, 15K tokens) trains on CPU in a few seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from sparsinglaw import cli
+from sparsinglaw.data import build_corpus, open_corpus, read_documents
+from sparsinglaw.laws import load_series
+from sparsinglaw.measure import measure
+from sparsinglaw.models import load_model
+from sparsinglaw.track import OnlineTracker, SparsityCallback, track
+from sparsinglaw.train import TrainConfig, list_checkpoints, train
+
+GEOMETRY = dict(tokens=2048, seq_len=64, batch_size=8)  # 4 validation batches per checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory) -> TrainConfig:
+    """A trained micro run with 6 checkpoints, measured online (its own tau) at each checkpoint."""
+    src = tmp_path_factory.mktemp("text")
+    for i, doc in enumerate(read_documents(None)):
+        (src / f"doc{i:03d}.txt").write_text(doc)
+    corpus = tmp_path_factory.mktemp("corpus") / "c"
+    build_corpus(corpus, [src], vocab_size=512, val_fraction=0.1, log=lambda _m: None)
+    cfg = TrainConfig(out=str(tmp_path_factory.mktemp("runs") / "micro-relu"), tokens=256 * 60, preset="tiny",
+                      act="relu", d_model=32, n_layers=2, head_dim=16, seq_len=32, batch_size=4, grad_accum=2,
+                      lr=0.02, data=[str(corpus)], ckpt_every=256 * 10, log_every=10, progress=False)
+    train(cfg, on_checkpoint=OnlineTracker(tokens=512, log=lambda _m: None), log=lambda _m: None)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tracked(run_cfg: TrainConfig):
+    return track(run_cfg.out, p=1.0, progress=False, **GEOMETRY)
+
+
+def test_series_has_every_field_and_one_tau(tracked, run_cfg: TrainConfig) -> None:
+    s = json.loads(Path(run_cfg.out, "series.json").read_text())
+    cks = list_checkpoints(run_cfg.out)
+    n = len(cks)
+    assert n == 6 and tracked.measured == [c.path.name for c in cks] and tracked.calibrated
+    assert s["tokens"] == [c.tokens for c in cks] and [c["step"] for c in s["checkpoints"]] == [c.step for c in cks]
+    for key in ("activation_ratio", "ppl", "ppl_dense", "ppl_ratio", "layer_ratio", "dead_neuron_ratio",
+                "frequency_histogram", "checkpoints"):
+        assert len(s[key]) == n, key
+    assert s["activation"] == "relu" and s["width"] == 32 and s["depth"] == 2 and s["non_embedding_params"] > 0
+    assert s["p"] == 1.0 and 0 < s["tau"] < 1 and s["calibration"]["tau"] == s["tau"]
+    assert s["calibration"]["checkpoints"] == [c.path.name for c in cks[-5:]]
+    assert all(0 < a < 1 for a in s["activation_ratio"]) and all(len(row) == 2 for row in s["layer_ratio"])
+    assert all(0 <= d <= 1 for d in s["dead_neuron_ratio"])
+    assert all(sum(h["counts"]) == 2 * 80 and len(h["edges"]) == 51 for h in s["frequency_histogram"])
+    for i in range(n):
+        assert math.isclose(s["ppl_ratio"][i], s["ppl"][i] / s["ppl_dense"][i], rel_tol=0.05)
+        # the layer mean is the activation ratio (equal tokens per layer)
+        assert math.isclose(sum(s["layer_ratio"][i]) / 2, s["activation_ratio"][i], rel_tol=1e-9)
+    for png in ("activation_ratio.png", "layer_ratio.png", "dead_neurons.png", "neuron_frequency.png"):
+        assert Path(run_cfg.out, png).stat().st_size > 0
+
+
+def test_calibrated_tau_gives_mean_ppl_ratio_1_01_over_last_five(tracked, run_cfg: TrainConfig) -> None:
+    """Recomputed independently: measure(metric='cett', tau) per checkpoint on the same validation batches."""
+    tau = tracked.series["tau"]
+    batches = open_corpus(json.loads(Path(run_cfg.out, "config.json").read_text())["corpus"]).val_batches(
+        GEOMETRY["seq_len"], GEOMETRY["batch_size"], GEOMETRY["tokens"])
+    ratios = []
+    for ck in list_checkpoints(run_cfg.out)[-5:]:
+        m = measure(load_model(str(ck.path), device="cpu", dtype="fp32").model, batches, metric="cett", tau=tau,
+                    static_check=False, progress=False)
+        ratios.append(m.ppl_ratio)
+    assert abs(sum(ratios) / 5 / 1.01 - 1) < 1e-3, ratios
+    assert ratios == pytest.approx(tracked.series["ppl_ratio"][-5:], rel=1e-9)
+
+
+def test_fit_accepts_the_series(tracked, run_cfg: TrainConfig, tmp_path: Path) -> None:
+    s = load_series(tracked.path)
+    assert s.name == "micro-relu" and s.activation == "relu" and len(s.tokens) == 6
+    cli.main(["fit", str(tracked.path), "--out", str(tmp_path / "fit"), "--bootstrap", "0"])
+    assert (tmp_path / "fit").is_dir() and any((tmp_path / "fit").iterdir())
+
+
+def test_second_call_without_new_checkpoints_measures_nothing(tracked, run_cfg: TrainConfig) -> None:
+    again = track(run_cfg.out, p=1.0, progress=False, **GEOMETRY)
+    assert again.measured == [] and not again.calibrated and len(again.reused) == 6
+    assert again.series["tau"] == tracked.series["tau"]
+    assert again.series["activation_ratio"] == tracked.series["activation_ratio"]
+
+
+def test_training_further_measures_new_checkpoints_or_all(tracked, run_cfg: TrainConfig, tmp_path: Path,
+                                                          capsys) -> None:
+    run = tmp_path / "micro-relu"
+    shutil.copytree(run_cfg.out, run)
+    train(replace(run_cfg, out=str(run), tokens=256 * 80), resume=True, log=lambda _m: None)
+    names = [c.path.name for c in list_checkpoints(run)]
+    assert names[-2:] == ["step-000070", "step-000080"]
+    cli.main(["track", str(run), "--tokens", "2048", "--seq-len", "64", "--batch-size", "8", "--quiet"])
+    out = capsys.readouterr().out
+    s = json.loads((run / "series.json").read_text())
+    old_tau = tracked.series["tau"]
+    assert [c["name"] for c in s["checkpoints"]] == names and s["calibration"]["checkpoints"] == names[-5:]
+    if abs(s["calibration"]["tau"] / old_tau - 1) <= 0.01:  # tau kept: only the two new checkpoints
+        assert s["tau"] == old_tau and "measured 2, kept 6" in out
+        assert s["activation_ratio"][:6] == tracked.series["activation_ratio"]
+    else:  # tau moved: everything again, and the output says why
+        assert s["tau"] == s["calibration"]["tau"] and "measured 8, kept 0" in out and "tau moved" in out
+    # --recalibrate forces a full pass
+    forced = track(run, p=1.0, recalibrate=True, progress=False, **GEOMETRY)
+    assert forced.calibrated and forced.measured == names
+
+
+def test_online_tracker_writes_one_line_per_checkpoint(run_cfg: TrainConfig) -> None:
+    lines = [json.loads(x) for x in Path(run_cfg.out, "online.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [c.step for c in list_checkpoints(run_cfg.out)]
+    for r in lines:
+        # 512 tokens make PPL a step function of tau: the search may stop at the closest step (message says so)
+        assert "error" not in r and 0 < r["activation_ratio"] < 1 and 0 < r["tau"] < 1
+        assert abs(r["ppl_ratio"] / 1.01 - 1) < 5e-3 and r["measured_tokens"] == 512 and r["seconds"] < 30
+    log = [json.loads(x) for x in Path(run_cfg.out, "log.jsonl").read_text().splitlines()]
+    assert sum(1 for r in log if "hook_s" in r) == 6
+
+
+def test_sparsity_callback_logs_at_every_save(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=0).train()
+    ids = tok("\n".join(read_documents(None))[:20000])["input_ids"]
+    data = [{"input_ids": ids[i:i + 32], "labels": ids[i:i + 32]} for i in range(0, 32 * 8, 32)]
+    cb = SparsityCallback(text=read_documents(None)[:3], tokenizer=tok, tokens=512, seq_len=64, batch_size=4)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, save_steps=1, save_strategy="steps",
+                             per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", use_cpu=True,
+                             logging_steps=1, disable_tqdm=True, save_only_model=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert [r["step"] for r in cb.records] == [1, 2, 3]
+    logged = [r for r in trainer.state.log_history if "sparsity/activation_ratio" in r]
+    assert len(logged) == 3 and model.training
+    for r in logged:
+        assert 0 < r["sparsity/activation_ratio"] <= 1 and 0 < r["sparsity/tau"] <= 1
+        # a random-weight model may not reach +1% PPL even at tau = 1; the record then says so
+        assert abs(r["sparsity/ppl_ratio"] / 1.01 - 1) < 5e-3 or "tau = 1" in r["sparsity/message"], r
+    lines = (tmp_path / "hf" / "sparsity.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["track", "{tmp}"], "not a training run"),
+    (["track", "{tmp}/missing"], "not a folder"),
+    (["track", "{run}", "--last", "9"], "fewer than the 9"),
+    (["track", "{run}", "--p", "0"], "positive percentage"),
+    (["track", "{run}", "--p", "-1"], "positive percentage"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says, run_cfg: TrainConfig, tmp_path: Path, capsys) -> None:
+    argv = [a.format(tmp=tmp_path, run=run_cfg.out) for a in args]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
+
+
+def test_no_complete_checkpoint_says_what_to_do(run_cfg: TrainConfig, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "empty-run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(Path(run_cfg.out, "config.json"), run / "config.json")
+    with pytest.raises(SystemExit):
+        cli.main(["track", str(run)])
+    assert "no complete checkpoint" in capsys.readouterr().err
