@@ -100,6 +100,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"
     if gpu:
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index on torch 2.11
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
     preset_name = args.preset or ("0.1b" if gpu else "tiny")

@@ -45,8 +45,10 @@ def keep_topk_per_token(s: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """CETT: a neuron is weak (dropped) when its output norm |h_i| * ||W_down[:, i]|| is <= t."""
-    return h.abs().float() * norms > t
+    """CETT: a neuron is weak (dropped) when its output norm |h_i| * ||W_down[:, i]|| is <= t.
+
+    Tested as |h_i| > t / ||W_down[:, i]|| (fp32 per-neuron cuts), so no fp32 copy of h is made."""
+    return h.abs() > t / norms
 
 
 # --- CETT on one batch's dense intermediates --------------------------------------------------------

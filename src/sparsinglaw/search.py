@@ -85,7 +85,7 @@ class PassCounter:
         self.passes = 0
         self.products = 0
         self.n_batches = n_batches
-        self.seconds = {"dense": 0.0, "thresholds": 0.0, "sparse": 0.0}
+        self.seconds = {"dense": 0.0, "grids": 0.0, "thresholds": 0.0, "sparse": 0.0}
 
     def timed(self, phase: str, t0: float) -> None:
         self.seconds[phase] += time.perf_counter() - t0
@@ -195,11 +195,15 @@ class BatchState:
     """One batch's dense loss and memoised per-layer threshold search."""
 
     def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter):
+        t0 = time.perf_counter()
         dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
         counter.passes += 1
         self.ids = ids
         self.loss_dense = dense.loss
+        counter.timed("dense", t0)
+        t0 = time.perf_counter()
         self.search = ThresholdSearch(DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack))
+        counter.timed("grids", t0)
 
 
 def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: str, counter: PassCounter,
