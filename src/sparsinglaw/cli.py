@@ -193,7 +193,7 @@ def train(
     log_every: int = typer.Option(10, "--log-every", help="steps between log.jsonl records"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     track_online: bool = typer.Option(False, "--track-online", help="after each checkpoint, a cheap "
-                                      "CETT-PPL-1% measurement with its own tau (8K validation tokens) "
+                                      "CETT-PPL-1% measurement with its own tau (4K validation tokens) "
                                       "appended to OUT/online.jsonl; `sparsinglaw track` gives the curve"),
 ) -> None:
     """Train a µP Transformer (MiniCPM style) with any activation; checkpoints load with from_pretrained."""
