@@ -38,13 +38,17 @@ trainspeed)
   timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
   ;;
 study)
-  [ -f /tmp/corpus/corpus.json ] || corpus /tmp/corpus
+  [ -f /tmp/corpus/corpus.json ] || corpus /tmp/corpus  # its BPE tokenizer is reused for the bigger corpus
+  SP=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  timeout 180 python3 -c "from sparsinglaw.data import build_corpus; build_corpus('/tmp/corpus_big', \
+    ['$SP/transformers', '$SP/torch', '$SP/sympy', '$SP/scipy', '$STDLIB'], tokenizer='/tmp/corpus')" \
+    || cp -r /tmp/corpus /tmp/corpus_big
   for act in relu silu; do
-    timeout 200 $SL train --preset "${STUDY_PRESET:-5m}" --act $act --tokens "${STUDY_TOKENS:-150M}" \
-      --ckpt-every "${STUDY_CKPT:-7500K}" --data /tmp/corpus --out results/study/$act --quiet 2>&1 | tail -2
-    timeout 150 $SL track results/study/$act --p 1 --quiet 2>&1 | tail -3
+    timeout "${STUDY_TRAIN_S:-170}" $SL train --preset "${STUDY_PRESET:-5m}" --act $act --tokens "${STUDY_TOKENS:-100M}" \
+      --ckpt-every "${STUDY_CKPT:-5M}" --data /tmp/corpus_big --out results/study/$act --track-online --quiet 2>&1 | tail -2
+    timeout 120 $SL track results/study/$act --p 1 --quiet 2>&1 | tail -4
   done
-  $SL fit results/study/relu/series.json results/study/silu/series.json --out results/study/fits 2>&1 | tail -12
+  $SL fit results/study/relu/series.json results/study/silu/series.json --out results/study/fits 2>&1 | tail -14
   rm -rf results/study/*/checkpoints
   tar czf "$OUT/study.tgz" results/study
   ;;
