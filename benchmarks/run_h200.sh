@@ -30,7 +30,7 @@ measure)
   timeout 240 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus/val.jsonl --tokens 65536 \
     --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 --tag h200_0.1b_trained --out "$OUT" --quiet
   TAUS=$(python3 -c "import json; r=json.load(open('benchmarks/results/measure_speed_h200_0.1b_trained.json'))['rows'][0]; print(','.join(str(t) for t in r['taus']))" 2>/dev/null || echo 0.1,0.2,0.17,0.175,0.1745)
-  timeout 300 python3 benchmarks/measure_speed.py --config 1.2b --random-tokens --tokens 65536 --seq-len 2048 \
+  [ -n "${SKIP_12B:-}" ] || timeout 300 python3 benchmarks/measure_speed.py --config 1.2b --random-tokens --tokens 65536 --seq-len 2048 \
     --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
     --tag h200_1.2b_random --out "$OUT" --quiet
   ;;

@@ -109,11 +109,14 @@ class DenseLayers:
         flat = self.h.reshape(n_layers, numel)
         cols = torch.arange(0, numel, stride, device=self.h.device) % d_f
         sub = flat[:, ::stride].abs().float() * self.norms[:, cols]
-        pos = 0.99 * (sub.shape[1] - 1)
+        n = sub.shape[1]
+        pos = 0.99 * (n - 1)  # torch.quantile's linear interpolation between order statistics k and k + 1
         k = math.floor(pos)
-        q = sub.kthvalue(k + 1, dim=1).values
-        if pos > k:
-            q = q + (pos - k) * (sub.kthvalue(k + 2, dim=1).values - q)
+        top = sub.topk(n - k, dim=1, sorted=False).values  # the top 1%: holds order statistics k and k + 1
+        two = top.topk(min(2, n - k), dim=1, largest=False).values  # ascending
+        q = two[:, 0]
+        if pos > k and n - k > 1:
+            q = q + (pos - k) * (two[:, 1] - q)
         lo = torch.stack([(h.abs().amin(dim=0).float() * norms).min() for h, norms in zip(self.h, self.norms)])
         return _linspaces(lo, q)
 
