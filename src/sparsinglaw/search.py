@@ -121,11 +121,13 @@ def check_p(p: float) -> float:
 # --- the root finder ----------------------------------------------------------------------------------
 
 def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = 1e-4, tau0: float = 0.1,
-              max_evals: int = 40) -> tuple[Evaluation, str]:
+              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3) -> tuple[Evaluation, str]:
     """Find tau with PPL ratio = target (|ratio/target - 1| <= ftol).
 
     PPL ratio rises with tau roughly as ln F ~ c * tau^k, so a secant on (ln tau, ln ln F) is nearly
     linear; it is safeguarded by a bracket (Illinois-style) and falls back to bisection in ln tau.
+    Thresholds sit on a discrete grid, so F moves in small jumps: once the bracket is narrower than
+    `xtol` (relative, in tau) the closest evaluation is returned if it is within `accept` of the target.
     """
     lt = math.log(target)
     evals: list[Evaluation] = []
@@ -168,7 +170,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     kept_lo = kept_hi = 0
     while lo is not None and hi is not None and len(evals) < max_evals:
         xa, xb = math.log(lo.tau), math.log(hi.tau)
-        if xb - xa < 1e-9:
+        if xb - xa < xtol:
             break
         if math.log(lo.ppl_ratio) > 1e-9:
             ya, yb, yt = y(lo), y(hi), math.log(lt)
@@ -186,6 +188,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         else:
             hi, kept_hi, kept_lo = ev, 0, kept_lo + 1
     best = min(evals, key=lambda e: abs(e.ppl_ratio / target - 1))
+    if abs(best.ppl_ratio / target - 1) <= accept:
+        return best, ""
     return best, f"stopped after {len(evals)} evaluations; closest PPL ratio {best.ppl_ratio:.5f}"
 
 
