@@ -54,6 +54,9 @@ def token_heatmap(meas, path: str | os.PathLike) -> Path:
     ax.grid(False)
     im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     fig.colorbar(im, ax=ax, label="activation ratio")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("token position")
     ax.set_ylabel("layer")
     ax.set_title(f"{meas.model}: per-token activation ratio ({meas.metric})", fontsize=10)
