@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparsinglaw import models
 from sparsinglaw.data import Corpus, get_corpus, n_sequences
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
@@ -137,15 +138,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def resolve_device(name: str | None, local_rank: int) -> torch.device:
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    """The measuring side's device rules (sparsinglaw.models), plus this process's GPU under torchrun."""
+    device = models.resolve_device(name or "auto")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda requested but no CUDA GPU is available")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 for anything left in fp32
