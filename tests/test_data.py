@@ -41,8 +41,6 @@ def test_folder_without_text_files_is_a_user_error(tmp_path):
         read_documents(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="data.py bug: a folder is read file by file through read_documents, "
-                   "so one empty .txt among good ones raises 'holds no text' for the whole folder")
 def test_empty_file_inside_a_folder_is_skipped(tmp_path):
     (tmp_path / "a.txt").write_text("some text")
     (tmp_path / "b.txt").write_text("")

@@ -98,7 +98,8 @@ def read_documents(source: str | Path | None) -> list[str]:
                        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
         if not files:
             raise UserError(f"folder {path} holds no .txt/.md/.rst/.py/.jsonl files")
-        docs = [d for f in files for d in read_documents(f)]
+        # an empty file among others is skipped; a binary or non-UTF-8 one still stops with its name
+        docs = [d for f in files if f.read_bytes().strip() for d in read_documents(f)]
     elif path.suffix.lower() == ".jsonl":
         docs = _read_jsonl(path)
     elif path.suffix.lower() == ".parquet":
