@@ -157,7 +157,12 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
             return cur, f"even tau = 1 keeps the PPL ratio at {cur.ppl_ratio:.4f} < target {target:.4f}"
         if lo is None and cur.tau <= 1e-7:
             return cur, "even tau = 1e-7 exceeds the target PPL ratio"
-        step = math.exp((math.log(lt) - y(cur)) / 2.0) if math.log(cur.ppl_ratio) > 1e-9 else 10.0
+        pos = [e for e in evals if math.log(e.ppl_ratio) > 1e-9]
+        k = 2.0  # slope of ln ln F against ln tau; measured from the last two evaluations once there are two
+        if len(pos) >= 2 and pos[-1].tau != pos[-2].tau:
+            k = (y(pos[-1]) - y(pos[-2])) / (math.log(pos[-1].tau) - math.log(pos[-2].tau))
+            k = min(10.0, max(0.5, k))
+        step = math.exp((math.log(lt) - y(cur)) / k) if math.log(cur.ppl_ratio) > 1e-9 else 10.0
         step = min(10.0, max(0.1, step))
         ev = run(min(1.0, cur.tau * step) if hi is None else max(1e-7, cur.tau * step))
         if done(ev):
