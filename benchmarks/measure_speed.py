@@ -95,12 +95,12 @@ def replay_fast(m: Model, batches, args):
     from sparsinglaw import search as s
 
     taus = [float(x) for x in args.replay_taus.split(",")]
-    counter = s._Counter(len(batches))
+    counter = s.PassCounter(len(batches))
     t0 = time.perf_counter()
-    states = [s._BatchState(m, ids, "all", counter) for ids in batches]
+    states = [s.BatchState(m, ids, "all", counter) for ids in batches]
     history = []
     for tau in taus:
-        ev = s._combine(tau, s._evaluate_states(m, states, tau, "all", counter, detail=True))
+        ev = s.combine(tau, s.evaluate_states(m, states, tau, "all", counter, detail=True))
         history.append(ev.brief())
     return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
                           counter.passes / len(batches), counter.products, time.perf_counter() - t0,

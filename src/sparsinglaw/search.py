@@ -335,7 +335,3 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
     seconds = time.perf_counter() - t0
     return SearchResult(f"reference(tol={tol:g})", ev.tau, target, ev, history, counter.passes,
                         counter.passes / len(batches), counter.products, seconds)
-
-
-# Old private names, kept for scripts written against them (benchmarks/measure_speed.py).
-_Counter, _BatchState, _combine, _evaluate_states, _stream = PassCounter, BatchState, combine, evaluate_states, stream
