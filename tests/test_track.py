@@ -12,11 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
+import tiny
 from tiny import tiny_model, tiny_tokenizer
 
 from sparsinglaw import cli
-from sparsinglaw.data import build_corpus, open_corpus, read_documents
+from sparsinglaw.data import open_corpus, read_documents
 from sparsinglaw.laws import load_series
 from sparsinglaw.measure import measure
 from sparsinglaw.models import load_model
@@ -26,22 +26,10 @@ from sparsinglaw.train import TrainConfig, list_checkpoints, train
 GEOMETRY = dict(tokens=2048, seq_len=64, batch_size=8)  # 4 validation batches per checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def run_cfg(tmp_path_factory) -> TrainConfig:
     """A trained micro run with 6 checkpoints, measured online (its own tau) at each checkpoint."""
-    src = tmp_path_factory.mktemp("text")
-    for i, doc in enumerate(read_documents(None)):
-        (src / f"doc{i:03d}.txt").write_text(doc)
-    corpus = tmp_path_factory.mktemp("corpus") / "c"
-    build_corpus(corpus, [src], vocab_size=512, val_fraction=0.1, log=lambda _m: None)
+    corpus = tiny.prose_corpus(tmp_path_factory.mktemp("prose"))
     cfg = TrainConfig(out=str(tmp_path_factory.mktemp("runs") / "micro-relu"), tokens=256 * 60, preset="tiny",
                       act="relu", d_model=32, n_layers=2, head_dim=16, seq_len=32, batch_size=4, grad_accum=2,
                       lr=0.02, data=[str(corpus)], ckpt_every=256 * 10, log_every=10, progress=False)

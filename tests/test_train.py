@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
 from sparsinglaw.data import build_corpus, dedup, open_corpus, read_documents, split_documents
@@ -20,24 +21,9 @@ from sparsinglaw.train.checkpoint import STATE_FILE
 from sparsinglaw.train.export import save_hf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: bit-reproducible across processes and fast on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("text")
-    for i, doc in enumerate(read_documents(None)):
-        (src / f"doc{i:03d}.txt").write_text(doc)
-    (src / "dup.txt").write_text(read_documents(None)[0])  # an exact duplicate to drop
-    out = tmp_path_factory.mktemp("corpus") / "c"
-    build_corpus(out, [src], vocab_size=512, val_fraction=0.1, log=lambda _m: None)
-    return out
+    return tiny.prose_corpus(tmp_path_factory.mktemp("prose"), duplicate=True)
 
 
 def micro(corpus_dir: Path, out: Path, **kw) -> TrainConfig:

@@ -130,3 +130,20 @@ def save_tiny(path: str | Path, family: str = "llama", act: str | None = None, s
     if tokenizer:
         tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def prose_corpus(folder: Path, duplicate: bool = False) -> Path:
+    """A small training corpus (BPE 512) built from CPython's pydoc prose, one document per file;
+    `duplicate` adds an exact copy of the first document, which the build must drop."""
+    from sparsinglaw.data import build_corpus, read_documents
+
+    src = Path(folder) / "text"
+    src.mkdir(parents=True, exist_ok=True)
+    docs = read_documents(None)
+    for i, doc in enumerate(docs):
+        (src / f"doc{i:03d}.txt").write_text(doc)
+    if duplicate:
+        (src / "dup.txt").write_text(docs[0])
+    out = Path(folder) / "corpus"
+    build_corpus(out, [src], vocab_size=512, val_fraction=0.1, log=lambda _m: None)
+    return out
