@@ -45,21 +45,25 @@ def layer_ratios(meas, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def _layer_heatmap(data, *, xlabel: str, title: str, width: float = 8.0, **imshow) -> tuple:
+    """Rows are layers: the one look of every layer x something activation-ratio map."""
+    fig, ax = _figure(width, 4.0)
+    ax.grid(False)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", **imshow)
+    fig.colorbar(im, ax=ax, label="activation ratio")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
 def token_heatmap(meas, path: str | os.PathLike) -> Path:
     """Layer x token activation ratio of the first evaluated sequence."""
     import numpy as np
 
-    data = np.asarray(meas.token_ratio)
-    fig, ax = _figure(8.0, 4.0)
-    ax.grid(False)
-    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
-    fig.colorbar(im, ax=ax, label="activation ratio")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("token position")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{meas.model}: per-token activation ratio ({meas.metric})", fontsize=10)
+    fig, _ = _layer_heatmap(np.asarray(meas.token_ratio), xlabel="token position", vmin=0,
+                            title=f"{meas.model}: per-token activation ratio ({meas.metric})")
     return _save(fig, path)
 
 
@@ -224,18 +228,12 @@ def track_layer_heatmap(series: dict, path: str | os.PathLike) -> Path:
     import numpy as np
 
     data = np.asarray(series["layer_ratio"], dtype=float).T  # (L, checkpoints)
-    fig, ax = _figure(7.2, 4.0)
-    ax.grid(False)
-    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower")
-    fig.colorbar(im, ax=ax, label="activation ratio")
+    fig, ax = _layer_heatmap(data, xlabel="checkpoint (training tokens)", width=7.2, origin="lower",
+                             title=_track_title(series, "per-layer activation ratio"))
     n = data.shape[1]
     ticks = sorted({0, n - 1, *range(0, n, max(1, n // 8))})
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{series['tokens'][i]:.2g}" for i in ticks], rotation=45, fontsize=7)
-    ax.set_xlabel("checkpoint (training tokens)")
-    ax.set_ylabel("layer")
-    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_title(_track_title(series, "per-layer activation ratio"), fontsize=10)
     return _save(fig, path)
 
 
