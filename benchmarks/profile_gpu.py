@@ -1,0 +1,127 @@
+"""Where the time goes: per-phase timings and top CUDA kernels of the fast search's pieces and of a training step.
+
+    python benchmarks/profile_gpu.py measure   # sparse/dense passes, loss, CETT probes (random 0.1B Llama)
+    python benchmarks/profile_gpu.py train     # one compiled training step of the 0.1b preset
+
+A diagnostic, not a target check: it prints tables (and writes JSON to --out) that guide optimisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def timed(fn, n: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def top_kernels(fn, rows: int = 18) -> str:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+
+
+def measure_part(out: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from measure_speed import build_random
+
+    from sparsinglaw.metrics import DenseLayers
+    from sparsinglaw.sparse import Model, Rule, lm_loss, run_pass
+
+    dev = torch.device("cuda")
+    model, _ = build_random("0.1b", dev, torch.bfloat16)
+    m = Model(model)
+    ids = torch.randint(0, 122753, (8, 2048), device=dev)
+    dense = run_pass(m, ids, Rule("dense"), capture=True)
+    dl = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
+    th = dl.grids()[:, 3000].contiguous()
+    r = {}
+    with torch.no_grad():
+        r["hf_forward_logits_ms"] = timed(lambda: model(input_ids=ids).logits)
+        logits = model(input_ids=ids).logits
+        r["lm_loss_ms"] = timed(lambda lg=logits: lm_loss(lg, ids))
+        logits = None
+        r["run_pass_dense_ms"] = timed(lambda: run_pass(m, ids, Rule("dense")))
+        r["run_pass_capture_ms"] = timed(lambda: run_pass(m, ids, Rule("dense"), capture=True))
+        r["run_pass_cett_ms"] = timed(lambda: run_pass(m, ids, Rule("cett", thresholds=th)))
+        r["run_pass_cett_detail_ms"] = timed(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True))
+        every = torch.arange(dl.n_layers, device=dev)
+        for k in (16, 4, 1):
+            layers = every[:k]
+            r[f"cett_probe_{k}layers_ms"] = timed(lambda layers=layers: dl.cett(layers, th[layers]).tolist())
+        r["grids_ms"] = timed(lambda: dl.grids(), n=2)
+    out["measure"] = r
+    for k, v in r.items():
+        print(f"{k:<28} {v:9.2f}")
+    print(top_kernels(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True)))
+    print(top_kernels(lambda: dl.cett(every, th).tolist()))
+
+
+def train_part(out: dict, batch: int) -> None:
+    from sparsinglaw.train.model import ModelConfig, MuPTransformer
+    from sparsinglaw.train.presets import get_preset
+    from sparsinglaw.train.trainer import make_optimizer
+
+    dev = torch.device("cuda")
+    torch.set_float32_matmul_precision("high")
+    pr = get_preset("0.1b")
+    cfg = ModelConfig(vocab_size=122753, d_model=pr.d_model, n_layers=pr.n_layers, head_dim=pr.head_dim,
+                      act="relu", max_seq_len=2048)
+    raw = MuPTransformer(cfg).to(dev)
+    opt = make_optimizer(raw, pr.lr, 0.1, (0.9, 0.95), dev)
+    model = torch.compile(raw)
+    x = torch.randint(0, 122753, (batch, 2048), device=dev)
+    y = torch.randint(0, 122753, (batch, 2048), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    ms = timed(step, n=10)
+    tps = batch * 2048 / ms * 1e3
+    mfu = cfg.flops_per_token(2048) * tps / 989e12
+    out[f"train_b{batch}"] = {"step_ms": ms, "tokens_per_s": tps, "mfu": mfu}
+    print(f"train batch {batch}: {ms:.1f} ms/step, {tps:,.0f} tok/s, MFU {100 * mfu:.1f}%")
+    if batch == 8:
+        print(top_kernels(step, rows=25))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("parts", nargs="+")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out: dict = {}
+    for p in args.parts:
+        if p == "measure":
+            measure_part(out)
+        elif p.startswith("train"):
+            train_part(out, int(p[5:] or 8))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
