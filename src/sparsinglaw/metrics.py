@@ -57,11 +57,14 @@ def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> 
 class DenseLayers:
     """One batch's dense FFN intermediates for every layer, enough to evaluate CETT at any threshold.
 
-    h: (L, m, d_f) in the model dtype; w: (L, d_h, d_f); norms: (L, d_f) fp32; y_norm: (L, m) fp32 =
-    ||W_down h|| per token. Memory is bounded by the batch, never by the whole evaluation set.
+    h: (L, m, d_f) in the model dtype; a: (L, m, d_f) fp32 neuron output norms |h_i| * ||W_down[:, i]||,
+    computed once so that a probe is a single compare-and-select (the reference's own `a <= t` test);
+    w: (L, d_h, d_f); norms: (L, d_f) fp32; y_norm: (L, m) fp32 = ||W_down h|| per token. Memory is
+    bounded by the batch, never by the whole evaluation set.
     """
 
     h: torch.Tensor
+    a: torch.Tensor
     w: torch.Tensor
     norms: torch.Tensor
     y_norm: torch.Tensor
@@ -71,8 +74,10 @@ class DenseLayers:
         """hs: each layer's (m, d_f) h; w: (L, d_h, d_f) stacked down projections; norms: (L, d_f)."""
         h = torch.stack(hs)
         w = w.to(h.dtype)
+        norms = norms.float()
+        a = torch.stack([hi.abs().float() * ni for hi, ni in zip(h, norms)])
         y_norm = torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(h, w)])
-        return cls(h=h, w=w, norms=norms.float(), y_norm=y_norm)
+        return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm)
 
     @property
     def n_layers(self) -> int:
@@ -81,7 +86,7 @@ class DenseLayers:
     def cett(self, layers: torch.Tensor, t: torch.Tensor, budget: int | None = None) -> torch.Tensor:
         """Mean over tokens of ||sum_{a_i <= t} n_i|| / ||y|| for each (layer, threshold) pair.
 
-        a_i <= t is tested as |h_i| <= t / ||W_down[:, i]|| so that no (tokens x d_f) product is formed.
+        `layers` may repeat a layer (several thresholds of one layer in one batched product).
         """
         m, d_f = self.h.shape[1], self.h.shape[2]
         if budget is None:  # elements of h per chunk: large on a GPU (few launches), cache-sized on a CPU
@@ -90,11 +95,14 @@ class DenseLayers:
         every = len(layers) == self.n_layers and bool((layers == torch.arange(self.n_layers,
                                                                               device=layers.device)).all())
         w_t = (self.w if every else self.w[layers]).transpose(1, 2)
-        cut = (t.float()[:, None] / self.norms[layers])[:, None, :]  # (G, 1, d_f), fp32 like the reference
+        t = t.float()[:, None, None]
         total = torch.zeros(len(layers), device=self.h.device, dtype=torch.float32)
         for lo in range(0, m, chunk):
-            hc = self.h[:, lo:lo + chunk] if every else self.h[layers, lo:lo + chunk]
-            weak = torch.where(hc.abs() <= cut, hc, 0)
+            if every:
+                hc, ac = self.h[:, lo:lo + chunk], self.a[:, lo:lo + chunk]
+            else:
+                hc, ac = self.h[layers, lo:lo + chunk], self.a[layers, lo:lo + chunk]
+            weak = torch.where(ac <= t, hc, 0)
             e = _rownorm(torch.bmm(weak, w_t)) / self.y_norm[layers, lo:lo + chunk]
             total += e.sum(dim=1)
         return total / m
@@ -102,13 +110,11 @@ class DenseLayers:
     def grids(self) -> torch.Tensor:
         """The authors' candidates for every layer at once: 65,536 points from min(a) to the 0.99 quantile
         of a strided subsample of a. Same values as `reference_grid`, but the quantile comes from two
-        selections (kthvalue) on a strided view instead of a full sort per layer."""
+        selections (topk) on a strided view instead of a full sort per layer."""
         n_layers, m, d_f = self.h.shape
         numel = m * d_f
         stride = max(1, math.ceil(numel / QUANTILE_MAX))
-        flat = self.h.reshape(n_layers, numel)
-        cols = torch.arange(0, numel, stride, device=self.h.device) % d_f
-        sub = flat[:, ::stride].abs().float() * self.norms[:, cols]
+        sub = self.a.reshape(n_layers, numel)[:, ::stride]
         n = sub.shape[1]
         pos = 0.99 * (n - 1)  # torch.quantile's linear interpolation between order statistics k and k + 1
         k = math.floor(pos)
@@ -117,8 +123,7 @@ class DenseLayers:
         q = two[:, 0]
         if pos > k and n - k > 1:
             q = q + (pos - k) * (two[:, 1] - q)
-        lo = torch.stack([(h.abs().amin(dim=0).float() * norms).min() for h, norms in zip(self.h, self.norms)])
-        return _linspaces(lo, q)
+        return _linspaces(self.a.amin(dim=(1, 2)), q)
 
 
 def _linspaces(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -170,6 +175,8 @@ class ThresholdSearch:
     keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.
     """
 
+    pair_delta = 2.0  # probe two candidates at once when the estimate is this close (in candidates)
+
     def __init__(self, dense: DenseLayers):
         self.dense = dense
         self.grid = dense.grids()  # (L, N)
@@ -178,6 +185,8 @@ class ThresholdSearch:
         # top candidate, which the reference never evaluates, as an upper sentinel
         self.known: list[dict[int, float]] = [{} for _ in range(n)]
         self.evaluations = 0
+        ends = self.grid[:, [0, -1]].double().cpu().tolist()  # grid[x] = start + x * step (a linspace)
+        self._line = [(a, (b - a) / (GRID_POINTS - 1)) for a, b in ends]
 
     def _bracket(self, layer: int, tau: float) -> tuple[int, float, int, float]:
         lo, c_lo, hi, c_hi = -1, 0.0, GRID_POINTS - 1, 1.0
@@ -190,33 +199,71 @@ class ThresholdSearch:
             hi, c_hi = lo + 1, max(c_lo, tau) + 1e-12
         return lo, c_lo, hi, c_hi
 
+    def _proposal(self, layer: int, lo: int, c_lo: float, hi: int, c_hi: float, tau: float, slow: int) -> list[int]:
+        """Grid indices to probe next for one layer: one, or two around a trusted estimate.
+
+        With two measured points, CETT is modelled as a power of the threshold through the measured points
+        nearest tau (one each side when known); that lands within a few candidates of the answer, so two
+        probes around the estimate usually close the bracket in one step. Otherwise (or after a probe
+        that failed to halve the bracket) it falls back to interpolation in the bracket, then bisection.
+        """
+        if hi - lo <= 3:
+            return list(range(lo + 1, hi))
+        start, step = self._line[layer]
+        real = [(x, c) for x, c in self.known[layer].items() if c > 0 and start + x * step > 0]
+        est = None
+        if len(real) >= 2 and not slow:
+            below = [pt for pt in real if pt[1] <= tau]
+            above = [pt for pt in real if pt[1] > tau]
+            if below and above:
+                (x1, c1), (x2, c2) = max(below, key=lambda q: q[1]), min(above, key=lambda q: q[1])
+            else:
+                (x1, c1), (x2, c2) = sorted(real, key=lambda q: abs(math.log(q[1] / tau)))[:2]
+            t1, t2 = start + x1 * step, start + x2 * step
+            if t1 != t2 and c1 != c2:
+                k = (math.log(c2) - math.log(c1)) / (math.log(t2) - math.log(t1))
+                if k > 0:
+                    t = t1 * math.exp((math.log(tau) - math.log(c1)) / k)
+                    est = (t - start) / step if step > 0 else None
+        if est is None or not math.isfinite(est):
+            frac = (tau - c_lo) / (c_hi - c_lo) if c_hi > c_lo else math.nan
+            est = lo + frac * (hi - lo) if math.isfinite(frac) and not slow else (lo + hi) / 2
+            return [min(max(round(est), lo + 1), hi - 1)]
+        est = min(max(est, lo + 1), hi - 1)
+        delta = max(0.5, 0.02 * min(abs(est - x) for x, _ in real))
+        if 4 * delta >= hi - lo or delta > self.pair_delta:
+            return [min(max(round(est), lo + 1), hi - 1)]
+        pair = {min(max(math.floor(est - delta + 1), lo + 1), hi - 1),
+                min(max(math.floor(est + delta), lo + 1), hi - 1)}
+        return sorted(pair)
+
     def thresholds(self, tau: float) -> torch.Tensor:
         n = self.dense.n_layers
         state = [list(self._bracket(layer, tau)) for layer in range(n)]
-        slow = [0] * n  # consecutive probes that did not halve the bracket
+        slow = [0] * n  # consecutive steps that did not halve the bracket
         while True:
             active = [layer for layer in range(n) if state[layer][2] - state[layer][0] > 1]
             if not active:
                 break
-            probes = []
+            layers, probes = [], []
             for layer in active:
-                lo, c_lo, hi, c_hi = state[layer]
-                frac = (tau - c_lo) / (c_hi - c_lo) if c_hi > c_lo else math.nan
-                if slow[layer] >= 1 or not math.isfinite(frac):
-                    x = (lo + hi) // 2
-                else:
-                    x = lo + round(frac * (hi - lo))
-                probes.append(min(max(x, lo + 1), hi - 1))
-            layers = torch.as_tensor(active, device=self.grid.device)
-            t = self.grid[layers, torch.as_tensor(probes, device=self.grid.device)]
-            vals = self.dense.cett(layers, t).tolist()
-            self.evaluations += len(active)
-            for layer, x, c in zip(active, probes, vals):
+                for x in self._proposal(layer, *state[layer], tau, slow[layer]):
+                    layers.append(layer)
+                    probes.append(x)
+            lt = torch.as_tensor(layers, device=self.grid.device)
+            t = self.grid[lt, torch.as_tensor(probes, device=self.grid.device)]
+            vals = self.dense.cett(lt, t).tolist()
+            self.evaluations += len(probes)
+            widths = {layer: state[layer][2] - state[layer][0] for layer in active}
+            for layer, x, c in zip(layers, probes, vals):
                 self.known[layer][x] = c
                 lo, c_lo, hi, c_hi = state[layer]
-                width = hi - lo
-                state[layer] = [lo, c_lo, x, c] if c > tau else [x, c, hi, c_hi]
-                slow[layer] = slow[layer] + 1 if 2 * (state[layer][2] - state[layer][0]) > width else 0
+                if c > tau and x < hi:
+                    state[layer] = [lo, c_lo, x, c]
+                elif c <= tau and x > lo:
+                    state[layer] = [x, c, hi, c_hi]
+            for layer in active:
+                slow[layer] = slow[layer] + 1 if 2 * (state[layer][2] - state[layer][0]) > widths[layer] else 0
         idx = torch.as_tensor([s[0] for s in state], device=self.grid.device)  # = first exceeding - 1
         t = self.grid.gather(1, idx.clamp(min=0)[:, None])[:, 0]
         # a = 0 neurons contribute nothing, so threshold 0 keeps every neuron that matters

@@ -27,6 +27,8 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.metrics import DenseLayers, ThresholdSearch, reference_layer_threshold
 from sparsinglaw.sparse import Model, PassResult, Rule, run_pass
 
+FTOL = 5e-4  # default |PPL ratio / target - 1|: half the 0.1% the answer must be within ...
+ATOL = 5e-4  # ... while the activation ratio is within this of its value at the exact target
 
 @dataclass
 class Evaluation:
@@ -120,9 +122,14 @@ def check_p(p: float) -> float:
 
 # --- the root finder ----------------------------------------------------------------------------------
 
-def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = 1e-4, tau0: float = 0.1,
-              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3) -> tuple[Evaluation, str]:
-    """Find tau with PPL ratio = target (|ratio/target - 1| <= ftol).
+def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = FTOL, tau0: float = 0.1,
+              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3, atol: float = ATOL
+              ) -> tuple[Evaluation, str]:
+    """Find tau with PPL ratio = target.
+
+    Done when |ratio/target - 1| <= ftol / 5, or <= ftol while the activation ratio's distance to its
+    value at the exact target, estimated from the local slope dA/dF of two evaluations, is <= atol:
+    a model whose sparsity moves fast with F gets the tighter PPL tolerance it needs.
 
     PPL ratio rises with tau roughly as ln F ~ c * tau^k, so a secant on (ln tau, ln ln F) is nearly
     linear; it is safeguarded by a bracket (Illinois-style) and falls back to bisection in ln tau.
@@ -144,7 +151,15 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         return math.log(max(math.log(ev.ppl_ratio), 1e-12))
 
     def done(ev: Evaluation) -> bool:
-        return abs(ev.ppl_ratio / target - 1) <= ftol
+        err = abs(ev.ppl_ratio / target - 1)
+        if err <= ftol / 5:
+            return True
+        others = [e for e in evals if e is not ev and e.ppl_ratio != ev.ppl_ratio]
+        if err > ftol or not others or getattr(ev, "activation_ratio", None) is None:
+            return False
+        near = min(others, key=lambda e: abs(e.ppl_ratio - ev.ppl_ratio))
+        slope = (near.activation_ratio - ev.activation_ratio) / (near.ppl_ratio - ev.ppl_ratio)
+        return abs(slope * (ev.ppl_ratio - target)) <= atol
 
     ev = run(tau0)
     if done(ev):
@@ -261,7 +276,7 @@ def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> 
 
 
 def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
-                calib_tokens: int | None = None, ftol: float = 1e-4, tau0: float = 0.1,
+                calib_tokens: int | None = None, ftol: float = FTOL, tau0: float = 0.1,
                 progress: bool = True) -> SearchResult:
     target = check_p(p)
     t0 = time.perf_counter()
@@ -272,7 +287,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     states = [BatchState(m, ids, positions, counter) for ids in calib]
     history: list[dict] = []
 
-    def evaluate(tau: float, stream_target: float | None = None) -> Evaluation:
+    def evaluate(tau: float) -> Evaluation:
         ev = combine(tau, evaluate_states(m, states, tau, positions, counter, detail=True))
         history.append({**ev.brief(), "batches": len(states)})
         _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}", progress)
@@ -288,7 +303,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
             full = combine(ev.tau, parts)
             history.append({**full.brief(), "batches": len(batches)})
             _say(f"  all {len(batches)} batches at tau={ev.tau:.6f}: ppl_ratio={full.ppl_ratio:.5f}", progress)
-            if abs(full.ppl_ratio / target - 1) <= 10 * ftol or full.ppl_ratio <= 1 or calib_ev.ppl_ratio <= 1:
+            if abs(full.ppl_ratio / target - 1) <= 2 * ftol or full.ppl_ratio <= 1 or calib_ev.ppl_ratio <= 1:
                 break
             # the full set's ln F is a near-constant multiple of the calibration set's: retarget
             scale = math.log(calib_ev.ppl_ratio) / math.log(full.ppl_ratio)

@@ -151,7 +151,7 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
         if detail:
             neuron_kept[i] += kc.sum(0)
             token_ratio[i] = keep_flat[: ids.shape[1]].float().mean(-1)
-        return h * keep.to(h.dtype)
+        return torch.where(keep, h, 0)
 
     with hooked(m.sites, fn, need_s=rule.need_s):
         logits = m.model(input_ids=ids).logits
@@ -209,7 +209,7 @@ def sparsify(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Ite
     rule = th.rule(m.device)
 
     def fn(i: int, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return h * rule.keep(i, h, s, m.norms[i]).to(h.dtype)
+        return torch.where(rule.keep(i, h, s, m.norms[i]), h, 0)
 
     with hooked(m.sites, fn, need_s=rule.need_s):
         yield m

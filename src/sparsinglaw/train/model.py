@@ -31,6 +31,12 @@ ACTIVATIONS = {
 ACT_ALIASES = {"relu²": "relu2", "relu^2": "relu2", "swish": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
+def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
+    """Vocabulary rounded up for the LM head: an odd row count (e.g. 122,753) makes the logits rows
+    misaligned, and the matmuls and the cross-entropy kernels slower. The extra tokens never occur."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
 def canonical_act(name: str) -> str:
     """The ACT2FN name of an activation, or UserError listing the supported ones."""
     key = ACT_ALIASES.get(name.lower(), name.lower())
