@@ -3,6 +3,20 @@
     python benchmarks/train_speed.py                       # 0.1b, bf16, seq 2048, batch 8, vocab 122,753 on GPU;
                                                            # the tiny preset on CPU
     python benchmarks/train_speed.py --hook pkg.mod:func   # also time a tracking hook on a real checkpoint
+    python benchmarks/train_speed.py --online-tracker      # time `--track-online` (OnlineTracker on the
+                                                           # in-memory model, and from disk for comparison)
+
+--online-tracker trains on a real tiny corpus (CPython's pydoc prose, BPE of at most 4,096, 10%
+validation; the model keeps its own vocabulary), then writes --checkpoints checkpoints a few steps apart
+into a run folder the tracker understands (config.json naming the corpus) and times the tracker at each,
+on the in-memory model as `train --track-online` does, and from disk for comparison. Its overhead is its
+mean seconds per checkpoint (calls after the first, which also reads the validation batches and builds the
+Llama module) over the measured training seconds between two checkpoints at the trainer's default interval,
+run_tokens/20. The tau evaluations of each call are reported: they set the cost, and checkpoints a few
+steps apart need fewer than a real run's (its online.jsonl has `evaluations` too). On a GPU without
+--preset it runs two configurations: the 0.1b preset as above (a 2B-token run) and a run like the ReLU/SiLU
+study's (5m preset, seq 1024 x batch 32, vocab 16,384, a 100M-token run). Writes
+benchmarks/results/train_speed_tracker_<device>.json.
 
 MFU counts every matmul: 6·N_non-embedding + 6·L·d·S (attention) + 6·d·V (LM head) FLOPs per token,
 against 989 TFLOP/s (H100/H200 dense bf16). No dataset and no network: tokens are random unless --data
@@ -15,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -30,13 +46,14 @@ from sparsinglaw.train.checkpoint import write_checkpoint
 from sparsinglaw.train.export import save_hf
 from sparsinglaw.train.model import ModelConfig, MuPTransformer
 from sparsinglaw.train.presets import get_preset
-from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, make_optimizer, resolve_dtype
+from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, hook_takes_model, make_optimizer, resolve_dtype
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def load_hook(spec: str | None):
-    """'package.module:function' -> the callable (it receives the checkpoint folder)."""
+    """'package.module:function' -> the callable (it receives the checkpoint folder, and `model=` the
+    in-memory model when it takes a `model` keyword, as in the trainer)."""
     if not spec:
         return None
     mod, _, fn = spec.partition(":")
@@ -72,55 +89,30 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default=None, help="default: 0.1b on cuda, tiny on cpu")
-    ap.add_argument("--act", default="relu")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
-    ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 on cuda, the preset's on cpu")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 8 on cuda, the preset's on cpu")
-    ap.add_argument("--vocab", type=int, default=None, help="default: 122753 on cuda (MiniCPM), 2048 on cpu")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda / 10 cpu)")
-    ap.add_argument("--warmup-steps", type=int, default=None, help="untimed steps incl. compile (8 / 2)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--data", default=None, help="corpus folder or text source (default: random tokens)")
-    ap.add_argument("--hook", default=None, help="on_checkpoint callable as module:function")
-    ap.add_argument("--run-tokens", type=float, default=None,
-                    help="run length for the checkpoint-overhead estimate (default 2e9 cuda / 2e6 cpu); "
-                         "the trainer's default checkpoint interval is run_tokens/20")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default 989 on cuda)")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/train_speed_<dev>.json)")
-    args = ap.parse_args()
+def tiny_corpus(folder: Path, vocab_size: int = 4096):
+    """A real corpus with a validation split, built in seconds from CPython's pydoc prose."""
+    from sparsinglaw.data import build_corpus, read_documents
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    src = folder / "text"
+    src.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(read_documents(None)):
+        (src / f"doc{i:04d}.txt").write_text(doc)
+    return build_corpus(folder / "corpus", [src], vocab_size=vocab_size, val_fraction=0.1, log=lambda _m: None)
+
+
+def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int, vocab: int, run_tokens: float,
+          corpus=None, hook=None, online: bool = False) -> dict:
+    """Throughput of one configuration, then the cost of a checkpoint and of the hook / online tracker."""
     gpu = device.type == "cuda"
-    if gpu:
-        device = torch.device("cuda", device.index or 0)  # set_device needs an index on torch 2.11
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")
-    preset_name = args.preset or ("0.1b" if gpu else "tiny")
     preset = get_preset(preset_name)
     dtype = resolve_dtype(args.dtype, device)
-    seq_len = args.seq_len or (2048 if gpu else preset.seq_len)
-    batch = args.batch_size or (8 if gpu else preset.batch_size)
     steps = args.steps or (30 if gpu else 10)
     warm = args.warmup_steps if args.warmup_steps is not None else (8 if gpu else 2)
     use_compile = gpu if args.compile is None else args.compile
-    run_tokens = args.run_tokens or (2e9 if gpu else 2e6)
-
-    tokenizer = None
+    tokenizer = corpus.tokenizer() if corpus is not None else None
     corpus_tokens = None
-    vocab = args.vocab or (122753 if gpu else 2048)
-    if args.data:
-        from sparsinglaw.data import get_corpus
-
-        corpus = get_corpus([args.data], vocab_size=args.vocab or preset.vocab_size)
-        tokenizer, vocab = corpus.tokenizer(), corpus.vocab_size
+    if corpus is not None:
+        vocab = max(vocab, corpus.vocab_size)
         corpus_tokens = torch.from_numpy(corpus.tokens("train")[: 64 * batch * (seq_len + 1)].astype("int64"))
 
     cfg = ModelConfig(vocab_size=vocab, d_model=preset.d_model, n_layers=preset.n_layers, head_dim=preset.head_dim,
@@ -177,36 +169,64 @@ def main() -> None:
     peak = (args.peak_tflops * 1e12) if args.peak_tflops else (PEAK_FLOPS.get(device.type) if dtype == "bf16"
                                                                 else None)
     mfu = fpt * tps / peak if peak else None
-
-    # Checkpoint cost: the trainer's own atomic write (HF export + trainer state), then the hook.
-    hook = load_hook(args.hook)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):  # the first write pays one-off imports; time the second, as in a long run
-            sync()
-            t = time.perf_counter()
-            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": n,
-                     "tokens": n * tokens_per_step, "rng": {"torch": torch.get_rng_state()}}
-            ck = write_checkpoint(tmp, n, lambda d: save_hf(raw, d, tokenizer),
-                                  {"step": n, "tokens": n * tokens_per_step, "act": cfg.act}, state)
-            export_s = time.perf_counter() - t
-        hook_s = 0.0
-        if hook is not None:
-            t = time.perf_counter()
-            hook(ck)
-            sync()
-            hook_s = time.perf_counter() - t
-        ckpt_mb = sum(f.stat().st_size for f in ck.iterdir()) / 1e6
     ckpt_every = run_tokens / 20
     train_s_per_ckpt = ckpt_every / tps
+
+    # Checkpoints: the trainer's own atomic write (HF export + trainer state) into a run folder whose
+    # config.json names the corpus (what the tracker reads), then the hook / trackers, as in `train`.
+    n_ckpt = max(2, args.checkpoints) if online else 2
+    between = 5 if gpu else 2  # training steps between two checkpoints, so each has new weights
+    trackers = {}
+    if online:
+        from sparsinglaw.track import OnlineTracker
+
+        quiet = dict(device=str(device), dtype=args.dtype, log=lambda _m: None)
+        trackers = {"memory": OnlineTracker(**quiet), "disk": OnlineTracker(**quiet)}
+    export_times, hook_times, calls = [], [], {k: [] for k in trackers}
+    i = warm + steps
+    with tempfile.TemporaryDirectory() as tmp:
+        if corpus is not None:
+            (Path(tmp) / "config.json").write_text(json.dumps(
+                {"corpus": str(corpus.path), "seq_len": seq_len, "batch_size": batch, "model": cfg.to_dict()}))
+        for n in range(1, n_ckpt + 1):
+            if n > 1:
+                for _ in range(between):
+                    loss = step(i)
+                    i += 1
+            sync()
+            t = time.perf_counter()
+            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": i,
+                     "tokens": i * tokens_per_step, "rng": {"torch": torch.get_rng_state()}}
+            ck = write_checkpoint(tmp, i, lambda d: save_hf(raw, d, tokenizer),
+                                  {"step": i, "tokens": i * tokens_per_step, "act": cfg.act}, state)
+            export_times.append(time.perf_counter() - t)  # the first write pays one-off imports
+            if hook is not None:
+                sync()
+                t = time.perf_counter()
+                hook(ck, model=raw) if hook_takes_model(hook) else hook(ck)
+                sync()
+                hook_times.append(time.perf_counter() - t)
+            for name, tr in trackers.items():
+                sync()
+                t = time.perf_counter()
+                rec = tr(ck, model=raw) if name == "memory" else tr(ck)
+                sync()
+                if "error" in rec:
+                    raise SystemExit(f"online tracker ({name}) failed: {rec['error']}")
+                calls[name].append({"seconds": time.perf_counter() - t, "evaluations": rec["evaluations"],
+                                    "tau": rec["tau"], "activation_ratio": rec["activation_ratio"],
+                                    "ppl_ratio": rec["ppl_ratio"], "measured_tokens": rec["measured_tokens"]})
+        ckpt_mb = sum(f.stat().st_size for f in ck.iterdir()) / 1e6
+    export_s = statistics.median(export_times[1:])
+    hook_s = statistics.median(hook_times[1:]) if hook_times else 0.0
     overhead = (export_s + hook_s) / train_s_per_ckpt
 
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(device), "versions": versions(),
         "config": {"preset": preset_name, "act": cfg.act, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                    "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab_size": vocab, "seq_len": seq_len,
                    "batch_size": batch, "dtype": dtype, "compile": use_compile, "device": str(device),
-                   "data": args.data or "random tokens", "timed_steps": steps, "warmup_steps": warm},
+                   "data": str(corpus.path) if corpus is not None else "random tokens", "timed_steps": steps,
+                   "warmup_steps": warm},
         "non_embedding_params": cfg.non_embedding_params(), "flops_per_token": fpt,
         "tokens_per_s": tps, "step_ms": 1000 * total / steps, "step_ms_min": 1000 * min(times),
         "achieved_tflops": fpt * tps / 1e12, "peak_tflops": peak / 1e12 if peak else None, "mfu": mfu,
@@ -222,16 +242,114 @@ def main() -> None:
             ("FLOPs/token", f"{fpt / 1e9:.3f} G"), ("non-emb params", f"{cfg.non_embedding_params() / 1e6:.1f}M"),
             ("warm-up + compile (s)", f"{warm_s:.1f}"),
             ("checkpoint export (s)", f"{export_s:.2f} ({ckpt_mb:.0f} MB)"),
-            ("on_checkpoint hook (s)", f"{hook_s:.2f}" + ("" if hook else " (no hook given)")),
-            (f"overhead at 1 ckpt / {ckpt_every:,.0f} tok", f"{100 * overhead:.2f}% of training time")]
+            (f"training s per ckpt ({ckpt_every:,.0f} tok)", f"{train_s_per_ckpt:.2f}")]
+    if hook is not None or not online:
+        rows += [("on_checkpoint hook (s)", f"{hook_s:.2f}" + ("" if hook else " (no hook given)")),
+                 (f"overhead at 1 ckpt / {ckpt_every:,.0f} tok", f"{100 * overhead:.2f}% of training time")]
+    if online:
+        tr = {}
+        for name, cs in calls.items():
+            steady = statistics.mean(c["seconds"] for c in cs[1:])  # expected cost: mean, not median
+            tr[name] = {"first_s": cs[0]["seconds"], "s_per_checkpoint": steady,
+                        "overhead_fraction": steady / train_s_per_ckpt, "calls": cs}
+        tr["settings"] = {"p": trackers["memory"].p, "tokens": trackers["memory"].tokens,
+                          "ftol": trackers["memory"].ftol, "checkpoints": n_ckpt,
+                          "steps_between_checkpoints": between}
+        result["online_tracker"] = tr
+        for name in ("memory", "disk"):
+            t = tr[name]
+            rows += [(f"online tracker, {name} (s/ckpt)",
+                      f"{t['s_per_checkpoint']:.3f} (first call {t['first_s']:.2f}; evaluations "
+                      f"{[c['evaluations'] for c in t['calls']]})"),
+                     (f"  overhead at 1 ckpt / {ckpt_every:,.0f} tok", f"{100 * t['overhead_fraction']:.2f}% "
+                      "of training time")]
     if result["peak_memory_gib"] is not None:
         rows.append(("peak GPU memory (GiB)", f"{result['peak_memory_gib']:.1f}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    out = Path(args.out) if args.out else RESULTS / f"train_speed_{device.type}.json"
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="default: 0.1b on cuda, tiny on cpu")
+    ap.add_argument("--act", default="relu")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 on cuda, the preset's on cpu")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 8 on cuda, the preset's on cpu")
+    ap.add_argument("--vocab", type=int, default=None, help="default: 122753 on cuda (MiniCPM), 2048 on cpu")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda / 10 cpu)")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="untimed steps incl. compile (8 / 2)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--data", default=None, help="corpus folder or text source (default: random tokens)")
+    ap.add_argument("--hook", default=None, help="on_checkpoint callable as module:function")
+    ap.add_argument("--online-tracker", action="store_true",
+                    help="time OnlineTracker (--track-online) on the in-memory model and from disk, on a real "
+                         "tiny corpus; on cuda without --preset: the 0.1b preset and the study's 5m run")
+    ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints the online tracker is timed on")
+    ap.add_argument("--run-tokens", type=float, default=None,
+                    help="run length for the checkpoint-overhead estimate (default 2e9 cuda / 2e6 cpu); "
+                         "the trainer's default checkpoint interval is run_tokens/20")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default 989 on cuda)")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/train_speed_<dev>.json, "
+                                                "train_speed_tracker_<dev>.json with --online-tracker)")
+    args = ap.parse_args()
+    if args.online_tracker and args.hook:
+        ap.error("--online-tracker times the tracker itself; leave out --hook")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    if gpu:
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index on torch 2.11
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    preset_name = args.preset or ("0.1b" if gpu else "tiny")
+    preset = get_preset(preset_name)
+    runs = [(preset_name, args.seq_len or (2048 if gpu else preset.seq_len),
+             args.batch_size or (8 if gpu else preset.batch_size), args.vocab or (122753 if gpu else 2048),
+             args.run_tokens or (2e9 if gpu else 2e6))]
+    if args.online_tracker and gpu and args.preset is None:
+        study = get_preset("5m")  # results/study: --preset 5m --tokens 100M --ckpt-every 5M, BPE 16,384
+        runs.append(("5m", study.seq_len, study.batch_size, study.vocab_size, 1e8))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = None
+        if args.data:
+            from sparsinglaw.data import get_corpus
+
+            corpus = get_corpus([args.data], vocab_size=args.vocab or preset.vocab_size)
+            runs = [(n, s, b, corpus.vocab_size, r) for n, s, b, _v, r in runs]
+        elif args.online_tracker:
+            t = time.perf_counter()
+            corpus = tiny_corpus(Path(tmp), min(4096, *(v for _n, _s, _b, v, _r in runs)))  # ids < every V
+            print(f"built a tiny corpus ({len(corpus.tokens('train')):,} train / {len(corpus.tokens('val')):,} "
+                  f"val tokens, BPE {corpus.vocab_size}) in {time.perf_counter() - t:.1f} s", flush=True)
+        results = []
+        for name, seq_len, batch, vocab, run_tokens in runs:
+            results.append(bench(args, device, name, seq_len, batch, vocab, run_tokens, corpus,
+                                 load_hook(args.hook), args.online_tracker))
+            if gpu:  # free the previous configuration's model, optimizer and compiled graphs
+                torch._dynamo.reset()
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "hardware": hardware(device), "versions": versions()}
+    if args.online_tracker:
+        out = Path(args.out) if args.out else RESULTS / f"train_speed_tracker_{device.type}.json"
+        payload = {**info, "command": " ".join(["python", "benchmarks/train_speed.py", *sys.argv[1:]]),
+                   "runs": results}
+    else:
+        out = Path(args.out) if args.out else RESULTS / f"train_speed_{device.type}.json"
+        payload = {**info, **results[0]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -122,8 +122,111 @@ def test_online_tracker_writes_one_line_per_checkpoint(run_cfg: TrainConfig) -> 
         # 512 tokens make PPL a step function of tau: the search may stop at the closest step (message says so)
         assert "error" not in r and 0 < r["activation_ratio"] < 1 and 0 < r["tau"] < 1
         assert abs(r["ppl_ratio"] / 1.01 - 1) < 5e-3 and r["measured_tokens"] == 512 and r["seconds"] < 30
+        assert r["source"] == "memory" and r["evaluations"] >= 1  # the trainer hands over the model
     log = [json.loads(x) for x in Path(run_cfg.out, "log.jsonl").read_text().splitlines()]
     assert sum(1 for r in log if "hook_s" in r) == 6
+
+
+def _micro_run(out: Path, corpus: Path) -> TrainConfig:
+    """3 checkpoints of a 2-layer width-32 ReLU model (a few seconds on CPU)."""
+    return TrainConfig(out=str(out), tokens=256 * 30, preset="tiny", act="relu", d_model=32, n_layers=2,
+                       head_dim=16, seq_len=32, batch_size=4, grad_accum=2, lr=0.02, data=[str(corpus)],
+                       ckpt_every=256 * 10, log_every=10, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory) -> Path:
+    return tiny.prose_corpus(tmp_path_factory.mktemp("prose-online"))
+
+
+def test_online_in_memory_equals_from_disk(prose: Path, tmp_path: Path, monkeypatch) -> None:
+    import sparsinglaw.track as track_mod
+
+    loads = []
+    real_load = track_mod._load
+    monkeypatch.setattr(track_mod, "_load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    quiet = dict(tokens=512, log=lambda _m: None)
+    mem, disk = OnlineTracker(**quiet), OnlineTracker(**quiet)
+    pairs, llamas = [], []
+
+    def hook(path: Path, model) -> None:
+        n = len(loads)
+        a = mem(path, model=model)
+        assert len(loads) == n  # nothing re-read from disk
+        llamas.append(mem.llama)
+        pairs.append((a, disk(path)))
+
+    train(_micro_run(tmp_path / "run", prose), on_checkpoint=hook, log=lambda _m: None)
+    assert len(pairs) == 3 and len(loads) == 3 and all(m is llamas[0] for m in llamas)  # one Llama, reused
+    for a, b in pairs:
+        assert a["source"] == "memory" and b["source"] == "disk" and "error" not in a and "error" not in b
+        for key in ("tau", "activation_ratio", "ppl_ratio", "ppl_dense"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=0), (key, a, b)
+        assert a["evaluations"] == b["evaluations"]
+
+
+@pytest.mark.parametrize("saved, measured", [("float32", "bf16"), ("bfloat16", "fp32"), ("bfloat16", "bf16")])
+def test_in_memory_llama_is_the_loaded_checkpoint(tmp_path: Path, saved: str, measured: str) -> None:
+    """Bit for bit, in any saved / measurement dtype: weights, RoPE buffers (fp32 even in bf16), logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsinglaw.models import resolve_dtype
+    from sparsinglaw.train import ModelConfig, MuPTransformer, save_hf
+
+    torch.manual_seed(0)
+    raw = MuPTransformer(ModelConfig(vocab_size=128, d_model=32, n_layers=2, head_dim=16, act="relu",
+                                     max_seq_len=64)).train()
+    save_hf(raw, tmp_path, dtype=getattr(torch, saved))
+    disk = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=resolve_dtype(measured, torch.device("cpu")))
+    tracker = OnlineTracker(dtype=measured, log=lambda _m: None)
+    mem = tracker._in_memory(raw, tmp_path)
+    a, b = dict(mem.named_buffers()) | mem.state_dict(), dict(disk.named_buffers()) | disk.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(mem(x).logits, disk.eval()(x).logits)
+    assert raw.training and tracker._in_memory(raw, tmp_path) is mem  # the training model untouched; reused
+
+
+def test_in_memory_tracking_leaves_training_unchanged(prose: Path, tmp_path: Path) -> None:
+    import torch
+
+    from sparsinglaw.train.checkpoint import STATE_FILE
+
+    tracker = OnlineTracker(tokens=512, log=lambda _m: None)
+    tracked = train(_micro_run(tmp_path / "tracked", prose), on_checkpoint=tracker, log=lambda _m: None)
+    plain = train(_micro_run(tmp_path / "plain", prose), log=lambda _m: None)
+    assert tracked.losses == plain.losses
+    a, b = (torch.load(r.checkpoints[-1] / STATE_FILE, weights_only=True)["model"] for r in (tracked, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_old_style_hooks_get_the_path_only(prose: Path, tmp_path: Path) -> None:
+    import functools
+
+    from sparsinglaw.train.trainer import hook_takes_model
+
+    seen: dict[str, list] = {"plain": [], "kwargs": []}
+
+    def plain(path):  # the pre-model protocol: one positional argument
+        seen["plain"].append(path)
+
+    def with_kwargs(path, **kw):
+        seen["kwargs"].append((path, sorted(kw)))
+
+    res = train(_micro_run(tmp_path / "run", prose), on_checkpoint=plain, log=lambda _m: None)
+    assert seen["plain"] == res.checkpoints and len(res.checkpoints) == 3
+    res2 = train(_micro_run(tmp_path / "run2", prose), on_checkpoint=with_kwargs, log=lambda _m: None)
+    assert seen["kwargs"] == [(ck, ["model"]) for ck in res2.checkpoints]
+    # which callables are offered the model
+    assert not hook_takes_model(plain) and not hook_takes_model([].append) and not hook_takes_model(print)
+    assert not hook_takes_model(lambda p: None) and not hook_takes_model(functools.partial(plain))
+    assert hook_takes_model(with_kwargs) and hook_takes_model(OnlineTracker(log=print))
+    assert hook_takes_model(lambda p, model=None: None) and hook_takes_model(lambda p, *, model: None)
+    # and an OnlineTracker called the old way still measures (from disk)
+    rec = OnlineTracker(tokens=512, log=lambda _m: None)(res.checkpoints[-1])
+    assert rec["source"] == "disk" and "error" not in rec and 0 < rec["activation_ratio"] < 1
 
 
 def test_sparsity_callback_logs_at_every_save(tmp_path: Path) -> None:

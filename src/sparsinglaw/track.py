@@ -414,6 +414,12 @@ class OnlineTracker:
     checkpoint's tau): an early view while training runs.
     The curve the laws are fitted to comes from `track` (one tau for all checkpoints). A failure is
     logged and recorded, never raised: tracking must not stop a long training run.
+
+    Called as `tracker(ckpt_dir, model=raw)` by the trainer, it measures the training `MuPTransformer`
+    in memory: its weights are folded into a `LlamaForCausalLM` exactly as the saved checkpoint's (through
+    the checkpoint's saved dtype, then the measurement dtype) on the model's own device, without reading
+    the checkpoint's weights from disk; that Llama module is built once and its weights are overwritten
+    at every later checkpoint. `tracker(ckpt_dir)` loads the checkpoint from disk (on `device`).
     """
 
     def __init__(self, p: float = 1.0, tokens: int = 4096, seq_len: int | None = None,
@@ -424,8 +430,10 @@ class OnlineTracker:
         self.device, self.dtype, self.ftol, self.log = device, dtype, ftol, log
         self._batches: dict[Path, list[torch.Tensor]] = {}
         self._tau0 = 0.1  # the previous checkpoint's tau: a warm start saves sparse passes
+        self.llama: torch.nn.Module | None = None  # the in-memory Llama, reused across checkpoints
+        self._llama_key: tuple | None = None
 
-    def __call__(self, ckpt_dir: str | Path) -> dict:
+    def __call__(self, ckpt_dir: str | Path, model: torch.nn.Module | None = None) -> dict:
         t0 = time.perf_counter()
         ckpt_dir = Path(ckpt_dir)
         run_dir = ckpt_dir.parent.parent
@@ -437,15 +445,22 @@ class OnlineTracker:
                 info = run_config(run_dir)
                 seq_len = min(self.seq_len or min(info.get("seq_len") or 512, 1024), self.tokens)
                 self._batches[run_dir] = val_batches(info, self.tokens, seq_len, self.batch_size)
-            model, _ = _load(ckpt_dir, self.device, self.dtype)
-            res = fast_search(Model(model), self._batches[run_dir], self.p, ftol=self.ftol, tau0=self._tau0,
+            if model is not None:
+                net = self._in_memory(model, ckpt_dir)
+                rec["source"] = "memory"
+            else:
+                net, _ = _load(ckpt_dir, self.device, self.dtype)
+                rec["source"] = "disk"
+            res = fast_search(Model(net), self._batches[run_dir], self.p, ftol=self.ftol, tau0=self._tau0,
                               progress=False)
             if 0 < res.tau < 1:
                 self._tau0 = res.tau
-            dev = next(model.parameters()).device
-            del model
-            _free(dev)
+            if model is None:  # a loaded checkpoint is dropped; the in-memory Llama is kept for the next one
+                dev = next(net.parameters()).device
+                del net
+                _free(dev)
             rec.update(_brief(res, time.perf_counter() - t0))
+            rec["evaluations"] = len(res.history)
             self.log(f"online tracking {ckpt_dir.name}: activation ratio {rec['activation_ratio']:.4f} at tau "
                      f"{rec['tau']:.4f} (PPL ratio {rec['ppl_ratio']:.4f}), {rec['seconds']:.1f} s")
         except Exception as e:  # noqa: BLE001 - report and keep training
@@ -455,6 +470,32 @@ class OnlineTracker:
         rec["time"] = time.time()
         _append_jsonl(run_dir / ONLINE_FILE, rec)
         return rec
+
+    @torch.no_grad()
+    def _in_memory(self, model: torch.nn.Module, ckpt_dir: Path) -> torch.nn.Module:
+        """The Llama the checkpoint in `ckpt_dir` loads as, made from the training model's weights in memory."""
+        from sparsinglaw.models import resolve_dtype
+        from sparsinglaw.train.export import llama_config, llama_state_dict
+
+        dev = next(model.parameters()).device
+        dt = resolve_dtype(self.dtype, dev)
+        saved = json.loads((ckpt_dir / "config.json").read_text()).get("dtype", "float32")
+        saved_dt = resolve_dtype(saved, dev)
+        key = (json.dumps(model.cfg.to_dict(), sort_keys=True), str(dev), dt)
+        if self.llama is None or self._llama_key != key:
+            from transformers import AutoModelForCausalLM
+
+            self.llama = None
+            _free(dev)
+            # built in dt as from_pretrained does (weights in dt, RoPE buffers kept fp32; `.to(dt)` would
+            # round those too), on the device, without moving the training process's random streams
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.device(dev):
+                self.llama = AutoModelForCausalLM.from_config(llama_config(model.cfg, dt), dtype=dt)
+            self.llama.eval().requires_grad_(False)
+            self._llama_key = key
+        # the checkpoint's rounding (fold in fp32, store as the saved dtype), then load_state_dict casts to dt
+        self.llama.load_state_dict(llama_state_dict(model, saved_dt, device=None))
+        return self.llama
 
 
 # --- Hugging Face Trainer -------------------------------------------------------------------------------

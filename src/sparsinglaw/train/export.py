@@ -36,8 +36,11 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
 
 
 @torch.no_grad()
-def llama_state_dict(model: MuPTransformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The model's weights renamed to Llama's, with the µP scales folded in (computed in fp32)."""
+def llama_state_dict(model: MuPTransformer, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
+    """The model's weights renamed to Llama's, with the µP scales folded in (computed in fp32), as `dtype`
+    on `device` (None: the model's own device, so a GPU model is never copied through host memory).
+    Tensors may share storage with the model's parameters: copy them before training changes those."""
     cfg = model.cfg
     d, f, r = cfg.d_model, cfg.d_ff, cfg.residual_scale
 
@@ -63,7 +66,7 @@ def llama_state_dict(model: MuPTransformer, dtype: torch.dtype = torch.float32) 
             p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
             p + "mlp.down_proj.weight": w(blk.down_proj.weight) * r,
         })
-    return {k: v.to(dtype).contiguous().cpu() for k, v in out.items()}
+    return {k: v.to(dtype).contiguous().to(device if device is not None else v.device) for k, v in out.items()}
 
 
 def save_hf(model: MuPTransformer, folder: str | Path, tokenizer: Any = None,

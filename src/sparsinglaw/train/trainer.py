@@ -2,7 +2,8 @@
 
 Setup (device, DDP through torchrun, corpus, model, AdamW with µP groups) -> resume from the newest good
 checkpoint -> loop (gradient accumulation, clipping, WSD schedule, logging) -> atomic checkpoints every
-N tokens, each followed by an optional `on_checkpoint(ckpt_dir)` call (the tracking hook).
+N tokens, each followed by an optional `on_checkpoint(ckpt_dir)` call (the tracking hook; a hook with a
+`model` parameter also gets the in-memory model, see `train`).
 
 Data order is a pure function of (seed, step): micro-batch g of the run takes rows g·B … g·B+B−1 of a
 seeded permutation of the train split's windows, so a resumed run and a run on any number of processes
@@ -12,6 +13,7 @@ see exactly the same batches as an uninterrupted single-process run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -36,7 +38,8 @@ from sparsinglaw.train.presets import get_preset
 from sparsinglaw.train.schedule import wsd_lr
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100/H200 dense bf16; MFU is reported against this
-OnCheckpoint = Callable[[Path], Any]
+# on_checkpoint(ckpt_dir) or on_checkpoint(ckpt_dir, model=MuPTransformer): see `train` and `hook_takes_model`
+OnCheckpoint = Callable[..., Any]
 
 
 @dataclass
@@ -223,7 +226,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
     """Train a model from scratch (or resume) into `cfg.out`; returns what was done.
 
     `on_checkpoint(ckpt_dir)` runs on rank 0 after each checkpoint is complete on disk (the tracking hook);
-    its time is logged as `hook_s`. With torchrun, every process calls `train` with the same config.
+    its time is logged as `hook_s`. A hook that takes a keyword `model` (a parameter of that name, or
+    **kwargs) is called as `on_checkpoint(ckpt_dir, model=raw)`, where `raw` is the training
+    `MuPTransformer` itself (not compiled, not DDP-wrapped, in train mode, on the training device, weights
+    equal to the checkpoint's): it may read the weights, e.g. to measure without reloading the checkpoint
+    from disk, but must not modify them. Plain `on_checkpoint(path)` callables get the path only.
+    With torchrun, every process calls `train` with the same config.
     """
     rank, local_rank, world = _dist_setup()
     master = rank == 0
@@ -405,12 +413,26 @@ def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: tor
     prune_states(run_dir, cfg.keep_states)
     t1 = time.perf_counter()
     if on_checkpoint is not None:
-        on_checkpoint(path)
+        if hook_takes_model(on_checkpoint):
+            on_checkpoint(path, model=raw)
+        else:
+            on_checkpoint(path)
     t2 = time.perf_counter()
     _append_log(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
                                         "checkpoint": str(path), "checkpoint_s": t1 - t0, "hook_s": t2 - t1,
                                         "time": time.time()})
     return path, val
+
+
+def hook_takes_model(hook: Callable[..., Any]) -> bool:
+    """Whether `hook` accepts a keyword argument `model` (a parameter of that name, or **kwargs)."""
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call them the old way
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "model" and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                            p.KEYWORD_ONLY))
+               for p in params)
 
 
 def _append_log(path: Path, rec: dict) -> None:
