@@ -37,7 +37,7 @@ def top_kernels(fn, rows: int = 18) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
 
 
-def measure_part(out: dict) -> None:
+def measure_part(out: dict, model_path: str | None) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from measure_speed import build_random
 
@@ -45,9 +45,14 @@ def measure_part(out: dict) -> None:
     from sparsinglaw.sparse import Model, Rule, lm_loss, run_pass
 
     dev = torch.device("cuda")
-    model, _ = build_random("0.1b", dev, torch.bfloat16)
+    if model_path:
+        from sparsinglaw.models import load_model
+
+        model = load_model(model_path, device="cuda", dtype="bf16").model
+    else:
+        model, _ = build_random("0.1b", dev, torch.bfloat16)
     m = Model(model)
-    ids = torch.randint(0, 122753, (8, 2048), device=dev)
+    ids = torch.randint(0, model.config.vocab_size, (8, 2048), device=dev)
     dense = run_pass(m, ids, Rule("dense"), capture=True)
     dl = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
     th = dl.grids()[:, 3000].contiguous()
@@ -112,11 +117,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("parts", nargs="+")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default=None, help="measure part: a checkpoint (default: random 0.1B, vocab 122,753)")
     args = ap.parse_args()
     out: dict = {}
     for p in args.parts:
         if p == "measure":
-            measure_part(out)
+            measure_part(out, args.model)
         elif p.startswith("train"):
             train_part(out, int(p[5:] or 8))
     if args.out:

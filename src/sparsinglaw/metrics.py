@@ -7,6 +7,7 @@ Conventions: h is the input of the down projection (m tokens x d_f), s the activ
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,8 @@ def _linspaces(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def _rownorm(x: torch.Tensor) -> torch.Tensor:
-    return x.float().norm(dim=-1)
+    """fp32 row norms, accumulated in fp32 without an fp32 copy of x."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
 
 
 def reference_grid(a: torch.Tensor) -> torch.Tensor:
@@ -238,6 +240,11 @@ class ThresholdSearch:
         return sorted(pair)
 
     def thresholds(self, tau: float) -> torch.Tensor:
+        """Each layer's threshold at tau (see `thresholds_all` for several batches at once)."""
+        return thresholds_all([self], tau)[0]
+
+    def _search(self, tau: float) -> Generator[tuple[torch.Tensor, torch.Tensor], list[float], torch.Tensor]:
+        """The bracketing loop as a generator: yields (layers, thresholds) to evaluate, receives their CETT."""
         n = self.dense.n_layers
         state = [list(self._bracket(layer, tau)) for layer in range(n)]
         slow = [0] * n  # consecutive steps that did not halve the bracket
@@ -251,8 +258,7 @@ class ThresholdSearch:
                     layers.append(layer)
                     probes.append(x)
             lt = torch.as_tensor(layers, device=self.grid.device)
-            t = self.grid[lt, torch.as_tensor(probes, device=self.grid.device)]
-            vals = self.dense.cett(lt, t).tolist()
+            vals = yield lt, self.grid[lt, torch.as_tensor(probes, device=self.grid.device)]
             self.evaluations += len(probes)
             widths = {layer: state[layer][2] - state[layer][0] for layer in active}
             for layer, x, c in zip(layers, probes, vals):
@@ -268,3 +274,30 @@ class ThresholdSearch:
         t = self.grid.gather(1, idx.clamp(min=0)[:, None])[:, 0]
         # a = 0 neurons contribute nothing, so threshold 0 keeps every neuron that matters
         return torch.where(idx < 0, torch.zeros_like(t), t)
+
+
+def thresholds_all(searches: list[ThresholdSearch], tau: float) -> list[torch.Tensor]:
+    """Per-layer thresholds of several batches at tau, their searches run in lockstep: every step
+    launches all batches' probes and waits once, so a device is never idle between small products."""
+    gens = [s._search(tau) for s in searches]
+    results: list[torch.Tensor | None] = [None] * len(gens)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def advance(i: int, vals: list[float] | None) -> None:
+        try:
+            pending[i] = next(gens[i]) if vals is None else gens[i].send(vals)
+        except StopIteration as stop:
+            results[i] = stop.value
+
+    for i in range(len(gens)):
+        advance(i, None)
+    while pending:
+        asked = list(pending.items())
+        pending.clear()
+        outs = [searches[i].dense.cett(layers, t) for i, (layers, t) in asked]
+        flat = torch.cat(outs).tolist()
+        pos = 0
+        for (i, _), out in zip(asked, outs):
+            advance(i, flat[pos:pos + len(out)])
+            pos += len(out)
+    return results  # type: ignore[return-value]

@@ -147,9 +147,10 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
             return None
         keep_flat = keep.reshape(-1, keep.shape[-1])
         kc = keep_flat[counted] if positions != "all" else keep_flat
-        kept[i] += kc.sum()
+        col = kc.sum(0, dtype=torch.int32)  # one reduction serves both counts
+        kept[i] += col.sum()
         if detail:
-            neuron_kept[i] += kc.sum(0)
+            neuron_kept[i] += col
             token_ratio[i] = keep_flat[: ids.shape[1]].float().mean(-1)
         return torch.where(keep, h, 0)
 
