@@ -85,7 +85,7 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
             "forward_passes": res.forward_passes, "full_passes": res.full_passes, "evaluations": len(res.history),
             "masked_products": res.masked_products, "tau": res.tau, "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
-            "taus": [h["tau"] for h in res.history], "breakdown_s": res.breakdown,
+            "taus": [h["tau"] for h in res.history], "history": res.history, "breakdown_s": res.breakdown,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 

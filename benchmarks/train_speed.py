@@ -44,7 +44,7 @@ import torch
 
 from sparsinglaw.train.checkpoint import write_checkpoint
 from sparsinglaw.train.export import save_hf
-from sparsinglaw.train.model import ModelConfig, MuPTransformer
+from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
 from sparsinglaw.train.presets import get_preset
 from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, hook_takes_model, make_optimizer, resolve_dtype
 
@@ -115,7 +115,8 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
         vocab = max(vocab, corpus.vocab_size)
         corpus_tokens = torch.from_numpy(corpus.tokens("train")[: 64 * batch * (seq_len + 1)].astype("int64"))
 
-    cfg = ModelConfig(vocab_size=vocab, d_model=preset.d_model, n_layers=preset.n_layers, head_dim=preset.head_dim,
+    cfg = ModelConfig(vocab_size=padded_vocab(vocab) if args.pad_vocab else vocab, d_model=preset.d_model,
+                      n_layers=preset.n_layers, head_dim=preset.head_dim,
                       act=args.act, max_seq_len=seq_len)
     torch.manual_seed(0)
     raw = MuPTransformer(cfg).to(device)
@@ -165,7 +166,7 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
     total = sum(times)
     tokens_per_step = batch * seq_len
     tps = steps * tokens_per_step / total
-    fpt = cfg.flops_per_token(seq_len)
+    fpt = cfg.flops_per_token(seq_len) - 6 * cfg.d_model * (cfg.vocab_size - vocab)  # the count: real V
     peak = (args.peak_tflops * 1e12) if args.peak_tflops else (PEAK_FLOPS.get(device.type) if dtype == "bf16"
                                                                 else None)
     mfu = fpt * tps / peak if peak else None
@@ -223,7 +224,8 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
 
     result = {
         "config": {"preset": preset_name, "act": cfg.act, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-                   "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab_size": vocab, "seq_len": seq_len,
+                   "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab_size": vocab,
+                   "model_vocab": cfg.vocab_size, "seq_len": seq_len,
                    "batch_size": batch, "dtype": dtype, "compile": use_compile, "device": str(device),
                    "data": str(corpus.path) if corpus is not None else "random tokens", "timed_steps": steps,
                    "warmup_steps": warm},
@@ -283,6 +285,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 cuda / 10 cpu)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="untimed steps incl. compile (8 / 2)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--pad-vocab", action=argparse.BooleanOptionalAction, default=True,
+                    help="round the model's vocabulary up to a multiple of 64, as the trainer does (FLOPs are "
+                         "still counted with the unpadded vocabulary)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--data", default=None, help="corpus folder or text source (default: random tokens)")
     ap.add_argument("--hook", default=None, help="on_checkpoint callable as module:function")

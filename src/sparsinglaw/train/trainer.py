@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.train.checkpoint import clean_temp, load_resume_state, prune_states, write_checkpoint
 from sparsinglaw.train.export import save_hf
-from sparsinglaw.train.model import ModelConfig, MuPTransformer
+from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
 from sparsinglaw.train.presets import get_preset
 from sparsinglaw.train.schedule import wsd_lr
 
@@ -153,7 +152,7 @@ def resolve_device(name: str | None, local_rank: int) -> torch.device:
 def model_config(cfg: TrainConfig, vocab_size: int, eos_token_id: int | None) -> ModelConfig:
     p = get_preset(cfg.preset)
     seq_len = cfg.seq_len or p.seq_len
-    return ModelConfig(vocab_size=64 * math.ceil(vocab_size / 64),  # pad for fast matmuls
+    return ModelConfig(vocab_size=padded_vocab(vocab_size),
                        d_model=cfg.d_model or p.d_model, n_layers=cfg.n_layers or p.n_layers,
                        head_dim=cfg.head_dim or p.head_dim, act=cfg.act, max_seq_len=max(seq_len, 128),
                        eos_token_id=eos_token_id)
