@@ -27,7 +27,8 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.metrics import DenseLayers, ThresholdSearch, reference_layer_threshold, thresholds_all
 from sparsinglaw.sparse import Model, PassResult, Rule, run_pass
 
-FTOL = 5e-4  # default |PPL ratio / target - 1|: half the 0.1% the answer must be within ...
+FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
+LOOSE = 5e-4  # also accepted up to this (half the 0.1% the answer must be within) ...
 ATOL = 5e-4  # ... while the activation ratio is within this (a quarter of the 0.002 allowed) of its exact value
 
 @dataclass
@@ -123,11 +124,11 @@ def check_p(p: float) -> float:
 # --- the root finder ----------------------------------------------------------------------------------
 
 def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = FTOL, tau0: float = 0.1,
-              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3, atol: float = ATOL
-              ) -> tuple[Evaluation, str]:
+              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3, loose: float = LOOSE,
+              atol: float = ATOL) -> tuple[Evaluation, str]:
     """Find tau with PPL ratio = target.
 
-    Done when |ratio/target - 1| <= ftol / 5, or <= ftol while the activation ratio's distance to its
+    Done when |ratio/target - 1| <= ftol, or <= loose while the activation ratio's distance to its
     value at the exact target, estimated from the local slope dA/dF of two evaluations, is <= atol:
     a model whose sparsity moves fast with F gets the tighter PPL tolerance it needs.
 
@@ -152,10 +153,10 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
 
     def done(ev: Evaluation) -> bool:
         err = abs(ev.ppl_ratio / target - 1)
-        if err <= ftol / 5:
+        if err <= ftol:
             return True
         others = [e for e in evals if e is not ev and e.ppl_ratio != ev.ppl_ratio]
-        if err > ftol or not others or getattr(ev, "activation_ratio", None) is None:
+        if err > loose or not others or getattr(ev, "activation_ratio", None) is None:
             return False
         near = min(others, key=lambda e: abs(e.ppl_ratio - ev.ppl_ratio))
         slope = (near.activation_ratio - ev.activation_ratio) / (near.ppl_ratio - ev.ppl_ratio)
@@ -315,8 +316,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
             full = combine(ev.tau, parts)
             history.append({**full.brief(), "batches": len(batches)})
             _say(f"  all {len(batches)} batches at tau={ev.tau:.6f}: ppl_ratio={full.ppl_ratio:.5f}", progress)
-            if (abs(full.ppl_ratio / target - 1) <= 2 * ftol or full.ppl_ratio <= 1 or calib_ev.ppl_ratio <= 1
-                    or message):  # converged, or no PPL change to scale, or the calibration itself failed
+            if (abs(full.ppl_ratio / target - 1) <= max(ftol, 2 * LOOSE) or full.ppl_ratio <= 1
+                    or calib_ev.ppl_ratio <= 1 or message):  # close enough, nothing to scale, or calibration failed
                 break
             # the full set's ln F is a near-constant multiple of the calibration set's: retarget
             scale = math.log(calib_ev.ppl_ratio) / math.log(full.ppl_ratio)
