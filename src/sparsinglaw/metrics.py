@@ -193,9 +193,10 @@ class ThresholdSearch:
     def _bracket(self, layer: int, tau: float) -> tuple[int, float, int, float]:
         lo, c_lo, hi, c_hi = -1, 0.0, GRID_POINTS - 1, 1.0
         for i, c in self.known[layer].items():
-            if c > tau and i < hi:
-                hi, c_hi = i, c
-            elif c <= tau and i > lo:
+            if c > tau:  # a NaN CETT (a token with ||y|| = 0: the reference has no guard) is not above tau
+                if i < hi:
+                    hi, c_hi = i, c
+            elif i > lo:
                 lo, c_lo = i, c
         if hi <= lo:  # non-monotone rounding noise: trust the larger index
             hi, c_hi = lo + 1, max(c_lo, tau) + 1e-12
@@ -264,9 +265,10 @@ class ThresholdSearch:
             for layer, x, c in zip(layers, probes, vals):
                 self.known[layer][x] = c
                 lo, c_lo, hi, c_hi = state[layer]
-                if c > tau and x < hi:
-                    state[layer] = [lo, c_lo, x, c]
-                elif c <= tau and x > lo:
+                if c > tau:  # NaN counts as not above tau, as in the reference, so every probe narrows
+                    if x < hi:
+                        state[layer] = [lo, c_lo, x, c]
+                elif x > lo:
                     state[layer] = [x, c, hi, c_hi]
             for layer in active:
                 slow[layer] = slow[layer] + 1 if 2 * (state[layer][2] - state[layer][0]) > widths[layer] else 0
