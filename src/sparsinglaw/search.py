@@ -290,7 +290,7 @@ def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> 
 
 def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
                 calib_tokens: int | None = None, ftol: float = FTOL, tau0: float = 0.1,
-                progress: bool = True) -> SearchResult:
+                progress: bool = True, max_evals: int = 40) -> SearchResult:
     target = check_p(p)
     t0 = time.perf_counter()
     counter = PassCounter(len(batches))
@@ -306,7 +306,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}", progress)
         return ev
 
-    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0)
+    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0, max_evals=max_evals)
     calib_ev = ev
     if rest:
         # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance

@@ -424,10 +424,11 @@ class OnlineTracker:
 
     def __init__(self, p: float = 1.0, tokens: int = 4096, seq_len: int | None = None,
                  batch_size: int | None = None, device: str = "auto", dtype: str = "auto", ftol: float = 1e-3,
-                 log: Callable[[str], Any] = print) -> None:
+                 max_evals: int = 6, log: Callable[[str], Any] = print) -> None:
         check_p(p)
         self.p, self.tokens, self.seq_len, self.batch_size = p, tokens, seq_len, batch_size
         self.device, self.dtype, self.ftol, self.log = device, dtype, ftol, log
+        self.max_evals = max_evals  # a cap on tau evaluations per checkpoint: the view is early and cheap
         self._batches: dict[Path, list[torch.Tensor]] = {}
         self._tau0 = 0.1  # the previous checkpoint's tau: a warm start saves sparse passes
         self.llama: torch.nn.Module | None = None  # the in-memory Llama, reused across checkpoints
@@ -452,7 +453,7 @@ class OnlineTracker:
                 net, _ = _load(ckpt_dir, self.device, self.dtype)
                 rec["source"] = "disk"
             res = fast_search(Model(net), self._batches[run_dir], self.p, ftol=self.ftol, tau0=self._tau0,
-                              progress=False)
+                              max_evals=self.max_evals, progress=False)
             if 0 < res.tau < 1:
                 self._tau0 = res.tau
             if model is None:  # a loaded checkpoint is dropped; the in-memory Llama is kept for the next one
