@@ -168,10 +168,11 @@ class ThresholdSearch:
     """Per-layer CETT thresholds of one batch for any tau, on the authors' candidate grid.
 
     It returns the reference's candidate (the one just below the first whose CETT exceeds tau) but gets
-    there with far fewer masked products: all layers are searched at once (one host sync per step for
-    every layer), CETT evaluations are memoised across taus (a later tau starts from the tightest known
-    bracket), and the next probe is interpolated on the smooth CETT curve (safeguarded by bisection
-    when a step fails to halve the bracket) instead of always bisecting.
+    there with far fewer masked products: all layers (and, through `thresholds_all`, all batches) are
+    searched at once (one host sync per step), CETT evaluations are memoised across taus (a later tau
+    starts from the tightest known bracket), and the next probe comes from a power law through the
+    measured points nearest tau, two candidates at once when the estimate is close (safeguarded by
+    interpolation and bisection when a step fails to halve the bracket) instead of always bisecting.
 
     Differs from the reference in one guard: when even the smallest candidate exceeds tau, the layer
     keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.

@@ -4,8 +4,10 @@ Two searches give the same answer:
 - `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes
   the dense pass, every per-layer 65,536-point search and a sparse pass).
 - `fast_search` (default): the dense pass and the per-layer CETT statistics do not depend on tau, so they
-  are done once per batch; per-layer searches are batched over layers and memoised across taus; tau is
-  found by a safeguarded secant on log-log coordinates in a handful of sparse passes. Memory is bounded
+  are done once per batch; per-layer searches are batched over layers and batches and memoised across
+  taus; tau is found by a safeguarded secant on log-log coordinates in a handful of sparse passes, and
+  accepted within 1e-4 of the target PPL ratio, or within 5e-4 while the local slope of the activation
+  ratio says it is within 5e-4 of its value at the exact target. Memory is bounded
   by `calib_tokens` (dense intermediates held at once), never by the number of evaluation tokens: batches
   beyond it are streamed at the found tau (dense pass, search and sparse pass, then freed).
 
