@@ -33,6 +33,7 @@ FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
 LOOSE = 5e-4  # also accepted up to this (half the 0.1% the answer must be within) ...
 ATOL = 5e-4  # ... while the activation ratio is within this (a quarter of the 0.002 allowed) of its exact value
 
+
 @dataclass
 class Evaluation:
     """Everything measured at one tau over a set of batches."""
