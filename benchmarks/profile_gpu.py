@@ -71,9 +71,21 @@ def measure_part(out: dict, model_path: str | None) -> None:
             layers = every[:k]
             r[f"cett_probe_{k}layers_ms"] = timed(lambda layers=layers: dl.cett(layers, th[layers]).tolist())
         r["grids_ms"] = timed(lambda: dl.grids(), n=2)
+        import os
+
+        plain = dl.cett(every, th)
+        os.environ["SPARSINGLAW_FUSED_PROBE"] = "1"  # the opt-in Triton probe (sparsinglaw.kernels)
+        try:
+            fused = dl.cett(every, th)
+            r["cett_probe_16layers_fused_ms"] = timed(lambda: dl.cett(every, th).tolist())
+            r["cett_fused_max_rel_diff"] = float(((fused - plain).abs() / plain.abs().clamp(min=1e-12)).max())
+        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+            r["cett_fused_error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
     out["measure"] = r
     for k, v in r.items():
-        print(f"{k:<28} {v:9.2f}")
+        print(f"{k:<28} {v:9.2f}" if isinstance(v, float) else f"{k:<28} {v}")
     print(top_kernels(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True)))
     print(top_kernels(lambda: dl.cett(every, th).tolist()))
 

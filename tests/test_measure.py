@@ -72,6 +72,38 @@ def test_cett_matches_brute_force_per_token_sum():
             assert fast == pytest.approx(_brute_cett(h[layer], w[layer], t), rel=1e-5)
 
 
+_FUSED_CHECK = """
+import torch
+from sparsinglaw import metrics
+torch.manual_seed(4)
+h, w = torch.randn(3, 37, 50), torch.randn(3, 21, 50)
+dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
+layers, t = torch.tensor([0, 2, 2, 1]), torch.tensor([0.5, 0.3, 1.2, 0.8])
+import os
+from sparsinglaw.kernels import cett_probe
+assert cett_probe.enabled(dense.h)  # the fused path is the one measured below
+fused = dense.cett(layers, t)
+os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
+plain = dense.cett(layers, t)
+assert torch.allclose(fused, plain, rtol=1e-5), (fused, plain)
+print("ok", fused.tolist())
+"""
+
+
+def test_fused_probe_matches_the_unfused_cett():
+    # the opt-in Triton kernel, run by Triton's interpreter on CPU in fp32 (the interpreter's bf16 dot is
+    # not usable), in a fresh process because Triton binds its library to the interpreter at import;
+    # skipped where Triton is not installed, as on CI
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SPARSINGLAW_FUSED_PROBE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
 def test_memoised_batched_search_returns_the_reference_candidates():
     torch.manual_seed(1)
     n_layers, m, d_f, d_h = 4, 1024, 128, 32

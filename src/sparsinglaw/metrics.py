@@ -89,6 +89,10 @@ class DenseLayers:
 
         `layers` may repeat a layer (several thresholds of one layer in one batched product).
         """
+        from sparsinglaw.kernels import cett_probe
+
+        if cett_probe.enabled(self.h):  # opt-in fused kernel (SPARSINGLAW_FUSED_PROBE=1)
+            return (cett_probe.weak_norms(self.h, self.norms, self.w, layers, t) / self.y_norm[layers]).mean(1)
         m, d_f = self.h.shape[1], self.h.shape[2]
         if budget is None:  # elements of h per chunk: large on a GPU (few launches), cache-sized on a CPU
             budget = 1 << 28 if self.h.is_cuda else 1 << 24

@@ -1,0 +1,1 @@
+"""Optional GPU kernels (Triton). Imported lazily: the package never needs Triton to run."""

@@ -1,0 +1,87 @@
+"""A fused CETT probe: mask, masked down projection and per-token squared norms in one Triton kernel.
+
+`DenseLayers.cett` spends about three quarters of a probe on elementwise traffic: it writes a compare
+mask and a masked copy of h, then the bf16 product, and reads them back. This kernel reads h once per
+output tile and writes only one fp32 number per token and tile:
+
+    out[g, tile, j] = sum over n in the tile of ( sum_k h[l, j, k] * [|h[l, j, k]| * norms[l, k] <= t_g]
+                                                  * W[l, n, k] )^2,   l = layers[g]
+
+The weak test is the reference's own (`a = |h| * norms` in fp32, `a <= t`), computed in registers. The
+product is accumulated in fp32 and not rounded to bf16 before squaring, so a CETT value differs from the
+unfused path's by the bf16 rounding of the product (about 1e-6 relative, averaged over tokens).
+
+Opt-in (SPARSINGLAW_FUSED_PROBE=1) until it has been timed and checked on a GPU; tested on CPU through
+Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs have no Triton: the unfused path serves
+    triton = None
+
+
+def enabled(h: torch.Tensor) -> bool:
+    """Use the fused probe for this tensor: asked for, Triton present, and on a GPU (or interpreted)."""
+    if triton is None or os.environ.get("SPARSINGLAW_FUSED_PROBE", "0") != "1":
+        return False
+    return h.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _probe_kernel(h_ptr, norms_ptr, w_ptr, layers_ptr, t_ptr, out_ptr, M, N, K: tl.constexpr,
+                      s_hl, s_hm, s_hk, s_nl, s_nk, s_wl, s_wn, s_wk, s_og, s_on,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # the output tiles of one row block run side by side (axis 0 is fastest), so h stays in L2;
+        # K (d_f) is a compile-time constant: one compile per model
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        g = tl.program_id(2)
+        layer = tl.load(layers_ptr + g).to(tl.int64)
+        t = tl.load(t_ptr + g)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            h = tl.load(h_ptr + layer * s_hl + rm[:, None] * s_hm + kk[None, :] * s_hk,
+                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            nrm = tl.load(norms_ptr + layer * s_nl + kk * s_nk, mask=kk < K, other=0.0)
+            weak = tl.abs(h.to(tl.float32)) * nrm[None, :] <= t
+            h = tl.where(weak, h, tl.zeros_like(h))
+            w = tl.load(w_ptr + layer * s_wl + rn[None, :] * s_wn + kk[:, None] * s_wk,
+                        mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc += tl.dot(h, w)
+        sq = tl.sum(acc * acc, axis=1)
+        tl.store(out_ptr + g * s_og + pid_n * s_on + rm, sq, mask=rm < M)
+
+
+def weak_norms(h: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, layers: torch.Tensor,
+               t: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """(G, m) fp32 norms ||W_down[l] (h[l] masked at t_g)|| per token for the pairs (layers[g], t[g]).
+
+    h: (L, m, d_f); norms: (L, d_f) fp32; w: (L, d_h, d_f) in h's dtype; rows: a token range of h.
+    """
+    if rows is not None:
+        h = h[:, rows]
+    n_layers, m, k = h.shape
+    n = w.shape[1]
+    bm, bn, bk = (64, 128, 64) if h.is_cuda else (16, 16, 16)
+    n_tiles = triton.cdiv(n, bn)
+    out = torch.empty(len(layers), n_tiles, m, device=h.device, dtype=torch.float32)
+    grid = (n_tiles, triton.cdiv(m, bm), len(layers))
+    _probe_kernel[grid](h, norms, w, layers.to(torch.int32), t.float(), out, m, n, k,
+                        h.stride(0), h.stride(1), h.stride(2), norms.stride(0), norms.stride(1),
+                        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+                        BM=bm, BN=bn, BK=bk)
+    return out.sum(dim=1).sqrt()
