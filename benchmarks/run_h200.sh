@@ -4,6 +4,7 @@
 #                                           #   on it (64K tokens), then the 1.2B shape: timing and memory
 #   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
 #   bash benchmarks/run_h200.sh study       # issue 4: ReLU vs SiLU of one small preset, tracked, laws fitted
+#   bash benchmarks/run_h200.sh fused       # issue 2: the opt-in fused CETT probe against the unfused one
 # Stages can be chained: bash benchmarks/run_h200.sh measure trainspeed
 # Results land in benchmarks/results/ and in $OUT (the device tool copies $OUT back).
 set -uo pipefail
@@ -18,7 +19,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= 128K tokens
   python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=131072)"
 }
-[ $# -gt 0 ] || { echo "usage: $0 measure|trainspeed|study ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 measure|trainspeed|study|fused ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
@@ -33,6 +34,17 @@ measure)
   [ -n "${SKIP_12B:-}" ] || timeout 300 python3 benchmarks/measure_speed.py --config 1.2b --random-tokens --tokens 65536 --seq-len 2048 \
     --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
     --tag h200_1.2b_random --out "$OUT" --quiet
+  ;;
+fused)  # the opt-in fused Triton CETT probe: timed and compared with the unfused one, then the search with it
+  [ -d /tmp/runs/b01/checkpoints ] || { corpus /tmp/corpus; timeout 300 $SL train --preset 0.1b --act silu \
+    --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 --grad-accum 2 --data /tmp/corpus \
+    --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -2; }
+  CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
+  timeout 120 python3 benchmarks/profile_gpu.py measure --model "$CK" --out "$OUT/profile_fused.json" 2>&1 \
+    | grep -E "cett|run_pass|grids"
+  SPARSINGLAW_FUSED_PROBE=1 timeout 240 python3 benchmarks/measure_speed.py --model "$CK" \
+    --data /tmp/corpus/val.jsonl --tokens 65536 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 \
+    --tag h200_0.1b_trained_fused --out "$OUT" --quiet
   ;;
 trainspeed)
   timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
@@ -52,6 +64,6 @@ study)
   rm -rf results/study/*/checkpoints
   tar czf "$OUT/study.tgz" results/study
   ;;
-*) echo "unknown stage $stage; use measure, trainspeed or study"; exit 2 ;;
+*) echo "unknown stage $stage; use measure, trainspeed, study or fused"; exit 2 ;;
 esac
 done
