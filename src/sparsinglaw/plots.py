@@ -45,6 +45,20 @@ def layer_ratios(meas, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def _finish(fig, ax, path: str | os.PathLike, *, xlabel: str, ylabel: str, title: str, xlog: bool = False,
+            ylog: bool = False, title_size: float | None = None) -> Path:
+    """Axis scales, labels, title and legend of a line chart, then save it."""
+    if xlog:
+        ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({"fontsize": title_size} if title_size else {}))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _layer_heatmap(data, *, xlabel: str, title: str, width: float = 8.0, **imshow) -> tuple:
     """Rows are layers: the one look of every layer x something activation-ratio map."""
     fig, ax = _figure(width, 4.0)
@@ -126,12 +140,7 @@ def plot_law_fit(D, A, used, band: dict, path: str | os.PathLike, *, title: str 
     ax.plot(D[used], A[used], "o", ms=3.5, color="black", label="data")
     if (~used).any():
         ax.plot(D[~used], A[~used], "o", ms=4.5, mfc="none", color="gray", label="dropped")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("activation ratio")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel=xlabel, ylabel="activation ratio", title=title, xlog=True)
 
 
 def plot_linearised(x, y, x_line, y_line, form: str, path: str | os.PathLike, *, title: str = "") -> Path:
@@ -141,11 +150,7 @@ def plot_linearised(x, y, x_line, y_line, form: str, path: str | os.PathLike, *,
     ax.plot(x, y, "o", ms=3.5, color="black", label="data")
     sign = "+" if form == "relu" else "−"
     ax.plot(x_line, y_line, color=_law_color(form), lw=1.8, label=f"{form} law (slope {sign}α)")
-    ax.set_xlabel("ln D (D in billions of tokens)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="ln D (D in billions of tokens)", ylabel=ylabel, title=title)
 
 
 def plot_law_runs(runs: list[dict], path: str | os.PathLike, *, xlabel: str = "training tokens (billions)",
@@ -167,12 +172,7 @@ def plot_law_runs(runs: list[dict], path: str | os.PathLike, *, xlabel: str = "t
             ax.plot(r["x_curve"], r["curve"], color=c, lw=1.6, label=lab)
         else:
             ax.plot([], [], "o", color=c, label=r["name"] + " (no fit)")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("activation ratio")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel=xlabel, ylabel="activation ratio", title=title, xlog=True)
 
 
 def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: str | os.PathLike, *,
@@ -190,11 +190,8 @@ def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: st
     for r, a, n in zip(ratio, limit_ratio, names or [], strict=False):
         if n:
             ax.annotate(n, (r, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("width-depth ratio d_h / L (linear axis: the law is two straight pieces)")
-    ax.set_ylabel("limit activation ratio")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="width-depth ratio d_h / L (linear axis: the law is two straight pieces)",
+                   ylabel="limit activation ratio", title=title)
 
 
 # --- tracking (issue 4): one run's checkpoints at one tau --------------------------------------------------
@@ -215,12 +212,8 @@ def track_activation_ratio(series: dict, path: str | os.PathLike) -> Path:
     if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, "s", ms=7, mfc="none", color="black", label="calibration checkpoints")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("activation ratio")
-    ax.set_title(_track_title(series, "activation ratio"), fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="training tokens", ylabel="activation ratio",
+                   title=_track_title(series, "activation ratio"), xlog=True, title_size=10)
 
 
 def track_layer_heatmap(series: dict, path: str | os.PathLike) -> Path:
@@ -261,9 +254,5 @@ def track_frequency(series: dict, path: str | os.PathLike) -> Path:
         edges = np.asarray(h["edges"])
         ax.stairs(h["counts"], edges, color=color, lw=1.5, fill=i == 0, alpha=0.6 if i == 0 else 1.0,
                   label=f"{series['checkpoints'][i]['name']} ({series['tokens'][i]:.3g} tokens)")
-    ax.set_yscale("log")
-    ax.set_xlabel("activation frequency (kept / tokens)")
-    ax.set_ylabel("neurons")
-    ax.set_title(_track_title(series, "neuron activation frequency"), fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="activation frequency (kept / tokens)", ylabel="neurons",
+                   title=_track_title(series, "neuron activation frequency"), ylog=True, title_size=10)
