@@ -71,6 +71,13 @@ def measure_part(out: dict, model_path: str | None) -> None:
             layers = every[:k]
             r[f"cett_probe_{k}layers_ms"] = timed(lambda layers=layers: dl.cett(layers, th[layers]).tolist())
         r["grids_ms"] = timed(lambda: dl.grids(), n=2)
+        # the LM head alone: an odd vocabulary (the paper's 122,753) against the same rows padded to x128
+        hid = torch.randn(ids.numel(), model.config.hidden_size, device=dev, dtype=torch.bfloat16)
+        w_head = model.get_output_embeddings().weight
+        pad = torch.nn.functional.pad(w_head, (0, 0, 0, (-w_head.shape[0]) % 128))
+        r["lm_head_matmul_ms"] = timed(lambda: torch.nn.functional.linear(hid, w_head))
+        r["lm_head_matmul_padded_ms"] = timed(lambda: torch.nn.functional.linear(hid, pad))
+        r["hf_body_no_head_ms"] = timed(lambda: model.model(input_ids=ids).last_hidden_state)
         import os
 
         plain = dl.cett(every, th)
@@ -86,8 +93,13 @@ def measure_part(out: dict, model_path: str | None) -> None:
     out["measure"] = r
     for k, v in r.items():
         print(f"{k:<28} {v:9.2f}" if isinstance(v, float) else f"{k:<28} {v}")
-    print(top_kernels(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True)))
-    print(top_kernels(lambda: dl.cett(every, th).tolist()))
+    with torch.no_grad():
+        print("== HF forward (logits) ==")
+        print(top_kernels(lambda: model(input_ids=ids).logits, rows=25))
+        print("== run_pass cett detail ==")
+        print(top_kernels(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True), rows=25))
+        print("== 16-layer probe ==")
+        print(top_kernels(lambda: dl.cett(every, th).tolist()))
 
 
 def train_part(out: dict, batch: int) -> None:

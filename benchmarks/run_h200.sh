@@ -40,11 +40,13 @@ fused)  # the opt-in fused Triton CETT probe: timed and compared with the unfuse
     --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 --grad-accum 2 --data /tmp/corpus \
     --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -2; }
   CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
-  timeout 120 python3 benchmarks/profile_gpu.py measure --model "$CK" --out "$OUT/profile_fused.json" 2>&1 \
-    | grep -E "cett|run_pass|grids"
+  timeout 150 python3 benchmarks/profile_gpu.py measure --model "$CK" --out "$OUT/profile_fused.json" \
+    > "$OUT/profile_fused.txt" 2>&1; grep -E "_ms|diff|error" "$OUT/profile_fused.txt"
   SPARSINGLAW_FUSED_PROBE=1 timeout 240 python3 benchmarks/measure_speed.py --model "$CK" \
     --data /tmp/corpus/val.jsonl --tokens 65536 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 \
-    --tag h200_0.1b_trained_fused --out "$OUT" --quiet
+    --tag h200_0.1b_trained_fused --out "$OUT" --quiet 2>&1 | tail -6
+  timeout 100 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus/val.jsonl --tokens 65536 \
+    --seq-len 2048 --batch-size 8 --runs fast --tag h200_0.1b_trained_unfused --out "$OUT" --quiet 2>&1 | tail -3
   ;;
 trainspeed)
   timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
