@@ -127,7 +127,12 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="result file suffix (default: device and model)")
     ap.add_argument("--out", default=None, help="also copy the JSON here (a folder)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="attention through PyTorch's flash kernel instead of cuDNN's: the same model with "
+                         "different rounding, to see how far the answer moves on rounding alone")
     args = ap.parse_args()
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     from sparsinglaw.models import load_model, resolve_device, resolve_dtype
 
@@ -162,7 +167,7 @@ def main() -> None:
 
     result = {"benchmark": "measure_speed", "date": dt.datetime.now(dt.timezone.utc).isoformat(), "model": label,
               "device": str(device), "dtype": str(dtype), "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "p": args.p, "calib_tokens": args.calib_tokens, "hardware": hw,
+              "p": args.p, "calib_tokens": args.calib_tokens, "cudnn_sdpa": not args.no_cudnn_sdpa, "hardware": hw,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__},
               "rows": rows, "memory": memory}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def measure_part(out: dict, model_path: str | None) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from measure_speed import build_random
 
+    from sparsinglaw.kernels import cett_mask
     from sparsinglaw.metrics import DenseLayers
     from sparsinglaw.sparse import Model, Rule, lm_loss, run_pass
 
@@ -66,6 +68,31 @@ def measure_part(out: dict, model_path: str | None) -> None:
         r["run_pass_capture_ms"] = timed(lambda: run_pass(m, ids, Rule("dense"), capture=True))
         r["run_pass_cett_ms"] = timed(lambda: run_pass(m, ids, Rule("cett", thresholds=th)))
         r["run_pass_cett_detail_ms"] = timed(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True))
+        # the same pass with the torch mask instead of the fused Triton one (sparsinglaw.kernels.cett_mask),
+        # and how far apart the two are: the masks must be identical, so every difference should be 0
+        before = os.environ.get("SPARSINGLAW_FUSED_MASK")
+        try:
+            for positions in ("all", "labeled"):
+                os.environ["SPARSINGLAW_FUSED_MASK"] = "0"
+                if positions == "all":
+                    r["run_pass_cett_detail_torchmask_ms"] = timed(
+                        lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True))
+                plain = run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True)
+                os.environ["SPARSINGLAW_FUSED_MASK"] = "1"
+                r["fused_mask_enabled"] = cett_mask.enabled(ids)  # False: no Triton here, both were torch
+                fused = run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True)
+                r[f"fused_mask_{positions}_loss_abs_diff"] = abs(fused.loss - plain.loss)
+                for name in ("kept", "neuron_kept", "token_ratio"):
+                    a, b = getattr(fused, name), getattr(plain, name)
+                    r[f"fused_mask_{positions}_{name}_max_abs_diff"] = float((a.double() - b.double()).abs().max())
+                r[f"fused_mask_{positions}_layer_ratio"] = float(plain.layer_ratio.mean())
+        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+            r["fused_mask_error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            if before is None:
+                os.environ.pop("SPARSINGLAW_FUSED_MASK", None)
+            else:
+                os.environ["SPARSINGLAW_FUSED_MASK"] = before
         every = torch.arange(dl.n_layers, device=dev)
         for k in (16, 4, 1):
             layers = every[:k]
@@ -78,21 +105,28 @@ def measure_part(out: dict, model_path: str | None) -> None:
         r["lm_head_matmul_ms"] = timed(lambda: torch.nn.functional.linear(hid, w_head))
         r["lm_head_matmul_padded_ms"] = timed(lambda: torch.nn.functional.linear(hid, pad))
         r["hf_body_no_head_ms"] = timed(lambda: model.model(input_ids=ids).last_hidden_state)
-        import os
-
-        plain = dl.cett(every, th)
-        os.environ["SPARSINGLAW_FUSED_PROBE"] = "1"  # the opt-in Triton probe (sparsinglaw.kernels)
-        try:
+        os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"  # the unfused probe (fp32 a held), for comparison
+        dl_plain = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
+        os.environ.pop("SPARSINGLAW_FUSED_PROBE")
+        plain = dl_plain.cett(every, th)
+        r["cett_probe_16layers_unfused_ms"] = timed(lambda d=dl_plain: d.cett(every, th).tolist())
+        if dl.a is None:  # the default fused Triton probe ran above
             fused = dl.cett(every, th)
-            r["cett_probe_16layers_fused_ms"] = timed(lambda: dl.cett(every, th).tolist())
             r["cett_fused_max_rel_diff"] = float(((fused - plain).abs() / plain.abs().clamp(min=1e-12)).max())
-        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
-            r["cett_fused_error"] = f"{type(e).__name__}: {e}"[:300]
-        finally:
-            os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
+            r["grids_equal"] = bool(torch.equal(dl.grids(), dl_plain.grids()))
+        del dl_plain
+        r["probe_configs"] = probe_configs(dl.h, dl.norms, dl.w, every, th)
+        # the 1.2B FFN shape (d_h 1792, d_f 4480), 4 random layers: the best tile may differ
+        g = torch.Generator(device=dev).manual_seed(0)
+        h12 = torch.randn(4, ids.numel(), 4480, device=dev, generator=g).to(torch.bfloat16)
+        w12 = torch.randn(4, 1792, 4480, device=dev, generator=g).to(torch.bfloat16)
+        n12 = w12.float().norm(dim=1)
+        a12 = h12[0].abs().float() * n12[0]
+        t12 = torch.quantile(a12.flatten()[::97], 0.5).repeat(4)
+        r["probe_configs_1.2b_4layers"] = probe_configs(h12, n12, w12, torch.arange(4, device=dev), t12)
     out["measure"] = r
     for k, v in r.items():
-        print(f"{k:<28} {v:9.2f}" if isinstance(v, float) else f"{k:<28} {v}")
+        print(f"{k:<28} {v:9.2f}" if isinstance(v, float) and "diff" not in k else f"{k:<28} {v}")
     with torch.no_grad():
         print("== HF forward (logits) ==")
         print(top_kernels(lambda: model(input_ids=ids).logits, rows=25))
@@ -100,6 +134,30 @@ def measure_part(out: dict, model_path: str | None) -> None:
         print(top_kernels(lambda: run_pass(m, ids, Rule("cett", thresholds=th), detail=True), rows=25))
         print("== 16-layer probe ==")
         print(top_kernels(lambda: dl.cett(every, th).tolist()))
+
+
+CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+           (128, 256, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 2),
+           (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 4), (64, 128, 32, 4, 4)]
+
+
+def probe_configs(h, norms, w, layers, t) -> dict:
+    """Time the fused probe's tile configurations (BM, BN, BK, warps, stages) on one set of probes."""
+    from sparsinglaw.kernels import cett_probe
+
+    base = cett_probe.weak_norms(h, norms, w, layers, t, config=CONFIGS[0])
+    res = {}
+    for c in CONFIGS:
+        key = ",".join(map(str, c))
+        try:
+            got = cett_probe.weak_norms(h, norms, w, layers, t, config=c)
+            diff = float(((got - base).abs() / base.abs().clamp(min=1e-12)).max())
+            res[key] = {"ms": timed(lambda c=c: cett_probe.weak_norms(h, norms, w, layers, t, config=c)),
+                        "max_rel_diff": diff}
+        except Exception as e:  # noqa: BLE001 - some tiles do not fit shared memory: report and go on
+            res[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        print(f"probe config {key:<20} {res[key]}")
+    return res
 
 
 def train_part(out: dict, batch: int) -> None:

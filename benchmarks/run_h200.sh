@@ -2,9 +2,11 @@
 # The GPU benchmarks, one device call per stage (the H200 has torch 2.11, transformers 5.17, no network).
 #   bash benchmarks/run_h200.sh measure     # issue 2: train a 0.1B model for minutes, fast vs reference search
 #                                           #   on it (64K tokens), then the 1.2B shape: timing and memory
+#   bash benchmarks/run_h200.sh big         # issue 2: 1.2B shape, random weights: timing and peak memory
 #   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
 #   bash benchmarks/run_h200.sh study       # issue 4: ReLU vs SiLU of one small preset, tracked, laws fitted
-#   bash benchmarks/run_h200.sh fused       # issue 2: the opt-in fused CETT probe against the unfused one
+#   bash benchmarks/run_h200.sh check       # issue 2: profile, fast vs reference (bf16, a rounding-only
+#                                           #   change of the reference, fp32) on the trained 0.1B model
 # Stages can be chained: bash benchmarks/run_h200.sh measure trainspeed
 # Results land in benchmarks/results/ and in $OUT (the device tool copies $OUT back).
 set -uo pipefail
@@ -19,7 +21,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= 128K tokens
   python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=131072)"
 }
-[ $# -gt 0 ] || { echo "usage: $0 measure|trainspeed|study|fused ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 measure|check|big|trainspeed|study ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
@@ -35,18 +37,27 @@ measure)
     --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
     --tag h200_1.2b_random --out "$OUT" --quiet
   ;;
-fused)  # the opt-in fused Triton CETT probe: timed and compared with the unfused one, then the search with it
+check)  # issue 2 in one call: where the time goes, fast vs reference in bf16, the reference's own spread
+  # under a rounding-only change (flash instead of cuDNN attention), and fast vs reference in fp32
   [ -d /tmp/runs/b01/checkpoints ] || { corpus /tmp/corpus; timeout 300 $SL train --preset 0.1b --act silu \
     --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 --grad-accum 2 --data /tmp/corpus \
     --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -2; }
   CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
-  timeout 150 python3 benchmarks/profile_gpu.py measure --model "$CK" --out "$OUT/profile_fused.json" \
-    > "$OUT/profile_fused.txt" 2>&1; grep -E "_ms|diff|error" "$OUT/profile_fused.txt"
-  SPARSINGLAW_FUSED_PROBE=1 timeout 240 python3 benchmarks/measure_speed.py --model "$CK" \
-    --data /tmp/corpus/val.jsonl --tokens 65536 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 \
-    --tag h200_0.1b_trained_fused --out "$OUT" --quiet 2>&1 | tail -6
-  timeout 100 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus/val.jsonl --tokens 65536 \
-    --seq-len 2048 --batch-size 8 --runs fast --tag h200_0.1b_trained_unfused --out "$OUT" --quiet 2>&1 | tail -3
+  M="benchmarks/measure_speed.py --model $CK --data /tmp/corpus/val.jsonl --tokens 65536 --seq-len 2048 --batch-size 8"
+  [ -n "${SKIP_PROFILE:-}" ] || { timeout 150 python3 benchmarks/profile_gpu.py measure --model "$CK" \
+    --out "$OUT/profile.json" > "$OUT/profile.txt" 2>&1; grep -E "_ms|diff|error|equal|config" "$OUT/profile.txt"; }
+  timeout 120 python3 $M --runs fast,ref1e-6,ref1e-3 --tag h200_0.1b_trained --out "$OUT" --quiet 2>&1 | tail -5
+  timeout 60 python3 $M --runs fast,ref1e-6 --no-cudnn-sdpa --tag h200_0.1b_trained_flash --out "$OUT" --quiet \
+    2>&1 | tail -4
+  timeout 150 python3 $M --runs fast,ref1e-6 --dtype fp32 --tag h200_0.1b_trained_fp32 --out "$OUT" --quiet \
+    2>&1 | tail -4
+  ;;
+big)  # issue 2: the 1.2B shape with random weights: the fast search's work for the trained model's taus
+  # (every tau on every batch: an upper bound), the reference at tol 1e-3, and peak memory at 64K and 1M tokens
+  TAUS=$(python3 -c "import json; r=json.load(open('benchmarks/results/measure_speed_h200_0.1b_trained.json'))['rows'][0]; print(','.join(str(t) for t in r['taus']))" 2>/dev/null || echo 0.1,0.2,0.17,0.175,0.1745)
+  timeout 400 python3 benchmarks/measure_speed.py --config 1.2b --random-tokens --tokens 65536 --seq-len 2048 \
+    --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
+    --tag h200_1.2b_random --out "$OUT" --quiet 2>&1 | tail -6
   ;;
 trainspeed)
   timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
@@ -66,6 +77,6 @@ study)
   rm -rf results/study/*/checkpoints
   tar czf "$OUT/study.tgz" results/study
   ;;
-*) echo "unknown stage $stage; use measure, trainspeed, study or fused"; exit 2 ;;
+*) echo "unknown stage $stage; use measure, check, big, trainspeed or study"; exit 2 ;;
 esac
 done

@@ -80,12 +80,13 @@ h, w = torch.randn(3, 37, 50), torch.randn(3, 21, 50)
 dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
 layers, t = torch.tensor([0, 2, 2, 1]), torch.tensor([0.5, 0.3, 1.2, 0.8])
 import os
-from sparsinglaw.kernels import cett_probe
-assert cett_probe.enabled(dense.h)  # the fused path is the one measured below
+assert dense.a is None  # the fused path is the one measured below: it needs no fp32 a
 fused = dense.cett(layers, t)
 os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
-plain = dense.cett(layers, t)
+plain_dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
+plain = plain_dense.cett(layers, t)
 assert torch.allclose(fused, plain, rtol=1e-5), (fused, plain)
+assert torch.equal(dense.grids(), plain_dense.grids())
 print("ok", fused.tolist())
 """
 
@@ -241,6 +242,41 @@ def test_solver_reaches_target_on_a_power_law_curve_in_few_evaluations():
     ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5)
     assert abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5 and msg == ""
     assert len(calls) <= 8
+
+
+def test_solver_with_batchwise_evaluations_stops_clearly_off_taus_early_and_answers_from_all_batches():
+    from types import SimpleNamespace
+
+    from sparsinglaw.search import Batchwise
+
+    scale = [0.7, 1.0, 1.1, 1.2]  # batch 0 alone underestimates ln F by about a third
+    for c in (0.4, 40.0):  # tau0 = 0.1 near the answer, and far above it
+        batchwise, runs = Batchwise(4, 1.01), []
+
+        def evaluate(tau, c=c, batchwise=batchwise, runs=runs):
+            got = batchwise.run(lambda i: (math.exp(c * scale[i] * tau ** 2.2), c * scale[i] * tau ** 2.2))
+            runs.append(len(got))
+            ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < 4)
+            batchwise.learn(ev)
+            return ev
+
+        ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5, tau0=0.1)
+        assert msg == "" and not ev.partial and abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5
+        assert len(runs) <= 6 and runs[-1] == 4
+        # never two partial evaluations in a row
+        assert all(a == 4 or b == 4 for a, b in zip(runs, runs[1:]))
+        if c == 40.0:  # F at tau0 is 1.28: one batch says so
+            assert runs[0] == 1
+
+
+def test_stop_early_needs_a_clear_miss():
+    from sparsinglaw.search import stop_early
+
+    lt = math.log(1.01)
+    assert stop_early([3 * lt], None, 1.01) and stop_early([0.3 * lt], None, 1.01)
+    assert not stop_early([1.3 * lt], None, 1.01)  # one batch, ratios unknown: could be the whole set's
+    assert stop_early([1.3 * lt], [1.0, 1.0], 1.01) and not stop_early([1.3 * lt], [1.3, 0.7], 1.01)
+    assert stop_early([-1e-3], None, 1.01)  # sparser than dense: F < 1 is far below any target
 
 
 def test_solver_says_when_target_is_unreachable():

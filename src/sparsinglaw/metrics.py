@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 GRID_POINTS = 65536  # the authors' candidate count per layer
+HINT_SPREAD = 0.005  # another batch's threshold is probed at +-0.5%: batches of one layer differ by about that
 QUANTILE_MAX = 2**24  # torch.quantile's input limit: the authors subsample with a stride to fit it
 
 
@@ -45,11 +46,31 @@ def keep_topk_per_token(s: torch.Tensor, k: float) -> torch.Tensor:
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
 
 
-def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """CETT: a neuron is weak (dropped) when its output norm |h_i| * ||W_down[:, i]|| is <= t.
+def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float,
+              budget: int | None = None) -> torch.Tensor:
+    """CETT: a neuron is weak (dropped) when its output norm a_i = fp32(|h_i|) * ||W_down[:, i]|| is <= t
+    (NaN kept: `not (a <= t)`), the very test of the threshold search (`DenseLayers.cett`) and of the
+    fused kernel (`kernels.cett_mask`), so every path keeps the same neurons and counts.
 
-    Tested as |h_i| > t / ||W_down[:, i]|| (fp32 per-neuron cuts), so no fp32 copy of h is made."""
-    return h.abs() > t / norms
+    The cheaper `|h_i| > t / norms_i` (no fp32 product) differs at exact boundaries, and thresholds
+    sit exactly on `a` values (the search's grid starts at min(a)). So the fp32 product is made, but
+    `budget` elements of h at a time (64 MB of fp32 on a GPU, cache-sized on a CPU): the temporary
+    stays small whatever the batch, at the price of a few launches per layer on this fallback path.
+    """
+    d_f = h.shape[-1]
+    flat = h.reshape(-1, d_f)
+    norms = norms.to(device=h.device, dtype=torch.float32)
+    t = torch.as_tensor(t, dtype=torch.float32)  # a 0-d tensor keeps its device: no host sync
+    if budget is None:
+        budget = 1 << 24 if h.is_cuda else 1 << 20
+    rows = max(1, budget // max(1, d_f))
+    keep = torch.empty(flat.shape, dtype=torch.bool, device=h.device)
+    for lo in range(0, flat.shape[0], rows):
+        part = keep[lo:lo + rows]
+        # bf16 |h| times fp32 norms is computed in fp32: fp32(|h|) * norms, no separate fp32 copy of h
+        torch.le(torch.mul(flat[lo:lo + rows].abs(), norms), t, out=part)
+        part.logical_not_()
+    return keep.view(h.shape)
 
 
 # --- CETT on one batch's dense intermediates --------------------------------------------------------
@@ -58,14 +79,15 @@ def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> 
 class DenseLayers:
     """One batch's dense FFN intermediates for every layer, enough to evaluate CETT at any threshold.
 
-    h: (L, m, d_f) in the model dtype; a: (L, m, d_f) fp32 neuron output norms |h_i| * ||W_down[:, i]||,
-    computed once so that a probe is a single compare-and-select (the reference's own `a <= t` test);
-    w: (L, d_h, d_f); norms: (L, d_f) fp32; y_norm: (L, m) fp32 = ||W_down h|| per token. Memory is
-    bounded by the batch, never by the whole evaluation set.
+    h: (L, m, d_f) in the model dtype; w: (L, d_h, d_f); norms: (L, d_f) fp32; y_norm: (L, m) fp32 =
+    ||W_down h|| per token. a: (L, m, d_f) fp32 neuron output norms |h_i| * ||W_down[:, i]||, kept only
+    where the fused Triton probe is not used, so that an unfused probe is a single compare-and-select
+    (the reference's own `a <= t` test); the fused probe computes it in registers. Memory is bounded by
+    the batch, never by the whole evaluation set.
     """
 
     h: torch.Tensor
-    a: torch.Tensor
+    a: torch.Tensor | None
     w: torch.Tensor
     norms: torch.Tensor
     y_norm: torch.Tensor
@@ -73,10 +95,12 @@ class DenseLayers:
     @classmethod
     def build(cls, hs: list[torch.Tensor], w: torch.Tensor, norms: torch.Tensor) -> DenseLayers:
         """hs: each layer's (m, d_f) h; w: (L, d_h, d_f) stacked down projections; norms: (L, d_f)."""
+        from sparsinglaw.kernels import cett_probe
+
         h = torch.stack(hs)
         w = w.to(h.dtype)
         norms = norms.float()
-        a = torch.stack([hi.abs().float() * ni for hi, ni in zip(h, norms)])
+        a = None if cett_probe.enabled(h) else torch.stack([_neuron_norms(hi, ni) for hi, ni in zip(h, norms)])
         y_norm = torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(h, w)])
         return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm)
 
@@ -89,9 +113,9 @@ class DenseLayers:
 
         `layers` may repeat a layer (several thresholds of one layer in one batched product).
         """
-        from sparsinglaw.kernels import cett_probe
+        if self.a is None:  # the fused Triton probe (sparsinglaw.kernels.cett_probe)
+            from sparsinglaw.kernels import cett_probe
 
-        if cett_probe.enabled(self.h):  # opt-in fused kernel (SPARSINGLAW_FUSED_PROBE=1)
             return (cett_probe.weak_norms(self.h, self.norms, self.w, layers, t) / self.y_norm[layers]).mean(1)
         m, d_f = self.h.shape[1], self.h.shape[2]
         if budget is None:  # elements of h per chunk: large on a GPU (few launches), cache-sized on a CPU
@@ -119,7 +143,15 @@ class DenseLayers:
         n_layers, m, d_f = self.h.shape
         numel = m * d_f
         stride = max(1, math.ceil(numel / QUANTILE_MAX))
-        sub = self.a.reshape(n_layers, numel)[:, ::stride]
+        if self.a is not None:
+            sub, low = self.a.reshape(n_layers, numel)[:, ::stride], self.a.amin(dim=(1, 2))
+        else:  # one layer's a at a time: the fused probe never needs all of it
+            subs, lows = [], []
+            for hi, ni in zip(self.h, self.norms):
+                a = _neuron_norms(hi, ni).reshape(numel)
+                subs.append(a[::stride])
+                lows.append(a.amin())
+            sub, low = torch.stack(subs), torch.stack(lows)
         n = sub.shape[1]
         pos = 0.99 * (n - 1)  # torch.quantile's linear interpolation between order statistics k and k + 1
         k = math.floor(pos)
@@ -128,13 +160,18 @@ class DenseLayers:
         q = two[:, 0]
         if pos > k and n - k > 1:
             q = q + (pos - k) * (two[:, 1] - q)
-        return _linspaces(self.a.amin(dim=(1, 2)), q)
+        return _linspaces(low, q)
 
 
 def _linspaces(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """torch.linspace(lo[i], hi[i], GRID_POINTS) for every i, built as torch builds one (from both ends)."""
     return torch.stack([torch.linspace(a, b, GRID_POINTS, device=lo.device, dtype=torch.float32)
                         for a, b in zip(lo.tolist(), hi.tolist())])
+
+
+def _neuron_norms(h: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """a = |h_i| * ||W_down[:, i]|| in fp32: the quantity CETT thresholds."""
+    return h.abs().float() * norms
 
 
 def _rownorm(x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +244,8 @@ class ThresholdSearch:
             hi, c_hi = lo + 1, max(c_lo, tau) + 1e-12
         return lo, c_lo, hi, c_hi
 
-    def _proposal(self, layer: int, lo: int, c_lo: float, hi: int, c_hi: float, tau: float, slow: int) -> list[int]:
+    def _proposal(self, layer: int, lo: int, c_lo: float, hi: int, c_hi: float, tau: float, slow: int,
+                  hint: float | None = None) -> list[int]:
         """Grid indices to probe next for one layer: one, or two around a trusted estimate.
 
         With two measured points, CETT is modelled as a power of the threshold through the measured points
@@ -218,6 +256,14 @@ class ThresholdSearch:
         if hi - lo <= 3:
             return list(range(lo + 1, hi))
         start, step = self._line[layer]
+        if hint is not None and step > 0 and not slow:
+            # another batch's threshold at this tau: a better first guess than extrapolating this batch's
+            # own points, unless one of them already has a CETT within 5% of tau
+            near = min((abs(math.log(c / tau)) for c in self.known[layer].values() if c > 0), default=math.inf)
+            x = (hint - start) / step
+            if near > 0.05 and lo < x < hi:
+                d = max(1.0, HINT_SPREAD * hint / step)
+                return sorted({min(max(math.floor(x - d), lo + 1), hi - 1), min(max(math.ceil(x + d), lo + 1), hi - 1)})
         real = [(x, c) for x, c in self.known[layer].items() if c > 0 and start + x * step > 0]
         est = None
         if len(real) >= 2 and not slow:
@@ -249,8 +295,10 @@ class ThresholdSearch:
         """Each layer's threshold at tau (see `thresholds_all` for several batches at once)."""
         return thresholds_all([self], tau)[0]
 
-    def _search(self, tau: float) -> Generator[tuple[torch.Tensor, torch.Tensor], list[float], torch.Tensor]:
-        """The bracketing loop as a generator: yields (layers, thresholds) to evaluate, receives their CETT."""
+    def _search(self, tau: float, hint: list[float] | None = None
+                ) -> Generator[tuple[torch.Tensor, torch.Tensor], list[float], torch.Tensor]:
+        """The bracketing loop as a generator: yields (layers, thresholds) to evaluate, receives their CETT.
+        hint: each layer's threshold at tau on another batch (a first guess)."""
         n = self.dense.n_layers
         state = [list(self._bracket(layer, tau)) for layer in range(n)]
         slow = [0] * n  # consecutive steps that did not halve the bracket
@@ -260,7 +308,7 @@ class ThresholdSearch:
                 break
             layers, probes = [], []
             for layer in active:
-                for x in self._proposal(layer, *state[layer], tau, slow[layer]):
+                for x in self._proposal(layer, *state[layer], tau, slow[layer], hint[layer] if hint else None):
                     layers.append(layer)
                     probes.append(x)
             lt = torch.as_tensor(layers, device=self.grid.device)
@@ -283,10 +331,13 @@ class ThresholdSearch:
         return torch.where(idx < 0, torch.zeros_like(t), t)
 
 
-def thresholds_all(searches: list[ThresholdSearch], tau: float) -> list[torch.Tensor]:
+def thresholds_all(searches: list[ThresholdSearch], tau: float, hint: torch.Tensor | None = None
+                   ) -> list[torch.Tensor]:
     """Per-layer thresholds of several batches at tau, their searches run in lockstep: every step
-    launches all batches' probes and waits once, so a device is never idle between small products."""
-    gens = [s._search(tau) for s in searches]
+    launches all batches' probes and waits once, so a device is never idle between small products.
+    hint: (L,) thresholds at tau of another batch, a first guess for each layer."""
+    hl = [float(x) for x in hint.tolist()] if hint is not None else None
+    gens = [s._search(tau, hl) for s in searches]
     results: list[torch.Tensor | None] = [None] * len(gens)
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -4,12 +4,14 @@ Two searches give the same answer:
 - `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes
   the dense pass, every per-layer 65,536-point search and a sparse pass).
 - `fast_search` (default): the dense pass and the per-layer CETT statistics do not depend on tau, so they
-  are done once per batch; per-layer searches are batched over layers and batches and memoised across
-  taus; tau is found by a safeguarded secant on log-log coordinates in a handful of sparse passes, and
-  accepted within 1e-4 of the target PPL ratio, or within 5e-4 while the local slope of the activation
-  ratio says it is within 5e-4 of its value at the exact target. Memory is bounded
-  by `calib_tokens` (dense intermediates held at once), never by the number of evaluation tokens: batches
-  beyond it are streamed at the found tau (dense pass, search and sparse pass, then freed).
+  are done once per batch; per-layer searches are batched over layers and memoised across taus; tau is
+  found by aiming at the crossing of a line fitted to (ln tau, ln ln F), in a handful of evaluations.
+  An evaluation runs the batches in order and stops after the first ones when they already put F clearly
+  off target (it then only steers). F of a finite sample is a noisy step function of tau (about 1e-4 on
+  64K tokens), so an answer is accepted within 1e-4 of the target PPL ratio, or within 3e-4 where the
+  trend of earlier evaluations put it. Memory is bounded by `calib_tokens` (dense intermediates held at
+  once), never by the number of evaluation tokens: batches beyond it are streamed at the found tau
+  (dense pass, search and sparse pass, then freed).
 
 Both use the per-batch regime the paper's numbers use (thresholds re-searched on every batch) and the
 authors' aggregation: the PPL ratio is the mean over batches of exp(loss_sparse - loss_dense).
@@ -22,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -29,9 +32,14 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.metrics import DenseLayers, ThresholdSearch, reference_layer_threshold, thresholds_all
 from sparsinglaw.sparse import Model, PassResult, Rule, run_pass
 
+T = TypeVar("T")
+
 FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
-LOOSE = 5e-4  # also accepted up to this (half the 0.1% the answer must be within) ...
-ATOL = 5e-4  # ... while the activation ratio is within this (a quarter of the 0.002 allowed) of its exact value
+LOOSE = 3e-4  # accepted up to this (a little over twice the noise of F on 64K tokens) where the trend puts tau
+PRIOR_WEIGHT = 0.004  # weight of the prior slope 1.5 in the trend fit, in units of sum (ln tau - mean)^2
+EARLY_STOP_TOKENS = 8192  # batches smaller than this are too noisy to stop an evaluation on
+SPREAD_UNKNOWN = 0.35  # relative spread of one batch's ln F around the whole set's, before any full evaluation
+SPREAD_KNOWN = 0.1  # the same once each batch's ratio to the whole set is known (noise and a little drift)
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Evaluation:
     batch_ratios: list[float] = field(default_factory=list)
     neuron_kept: torch.Tensor | None = None
     token_ratio: torch.Tensor | None = None
+    partial: bool = False  # stopped after the first batches: F is clearly off; steers, is never the answer
 
     @property
     def layer_ratio(self) -> torch.Tensor:
@@ -127,20 +136,28 @@ def check_p(p: float) -> float:
 # --- the root finder ----------------------------------------------------------------------------------
 
 def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = FTOL, tau0: float = 0.1,
-              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3, loose: float = LOOSE,
-              atol: float = ATOL) -> tuple[Evaluation, str]:
-    """Find tau with PPL ratio = target.
+              max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3,
+              loose: float = LOOSE) -> tuple[Evaluation, str]:
+    """Find tau with PPL ratio F = target.
 
-    Done when |ratio/target - 1| <= ftol, or <= loose while the activation ratio's distance to its
-    value at the exact target, estimated from the local slope dA/dF of two evaluations, is <= atol:
-    a model whose sparsity moves fast with F gets the tighter PPL tolerance it needs.
+    ln F rises with tau as a power law to a good approximation, so y = ln ln F is a line in x = ln tau
+    (slope k, 1.2-2.5 on trained models). Every step aims at the crossing of that line, its slope fitted
+    to all evaluations (pulled towards 1.5 when they span little of x) and placed through those nearest
+    the target; inside a bracket the step is clamped to it, and bisection takes over when a side stalls.
 
-    PPL ratio rises with tau roughly as ln F ~ c * tau^k, so a secant on (ln tau, ln ln F) is nearly
-    linear; it is safeguarded by a bracket (Illinois-style) and falls back to bisection in ln tau.
-    Thresholds sit on a discrete grid, so F moves in small jumps: once the bracket is narrower than
-    `xtol` (relative, in tau) the closest evaluation is returned if it is within `accept` of the target.
+    F measured on a finite sample is a noisy step function of tau (about 1e-4 on 64K tokens of a 0.1B
+    model, in fp32 as in bf16), so chasing it closer than the noise only moves the answer along the
+    noise. Done when |F/target - 1| <= ftol, or <= loose once two earlier evaluations placed this one
+    (it sits where the trend crosses the target). Once the bracket is narrower than `xtol` (relative, in
+    tau) the closest evaluation is returned if it is within `accept`.
+
+    `evaluate` may return a partial evaluation (`partial=True`: measured on the first batches only,
+    because they already put F clearly away from the target; see `stop_early`). It steers like any
+    point, its ln F rescaled by ln F_full / ln F_same_batches of the nearest full evaluation, but it is
+    never the answer.
     """
     lt = math.log(target)
+    yt = math.log(lt)
     evals: list[Evaluation] = []
 
     def run(tau: float) -> Evaluation:
@@ -148,84 +165,145 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         evals.append(ev)
         return ev
 
-    def g(ev: Evaluation) -> float:
-        return math.log(ev.ppl_ratio) - lt
+    def ln_f(ev: Evaluation) -> float:
+        """ln F; for a partial evaluation, scaled to the full set by the nearest full one's same batches."""
+        raw = math.log(ev.ppl_ratio)
+        full = [e for e in evals if not _partial(e)]
+        if not _partial(ev) or not full:
+            return raw
+        f = min(full, key=lambda e: abs(math.log(e.tau / ev.tau)))
+        n = len(ev.batch_ratios)
+        same = math.log(sum(f.batch_ratios[:n]) / n)
+        return raw * math.log(f.ppl_ratio) / same if same > 1e-9 and math.log(f.ppl_ratio) > 1e-9 else raw
 
-    def y(ev: Evaluation) -> float:  # near-linear in ln tau when ln F > 0
-        return math.log(max(math.log(ev.ppl_ratio), 1e-12))
+    def g(ev: Evaluation) -> float:
+        return ln_f(ev) - lt
+
+    def y(ev: Evaluation) -> float:
+        return math.log(ln_f(ev))
 
     def done(ev: Evaluation) -> bool:
-        err = abs(ev.ppl_ratio / target - 1)
-        if err <= ftol:
-            return True
-        others = [e for e in evals if e is not ev and e.ppl_ratio != ev.ppl_ratio]
-        if err > loose or not others or getattr(ev, "activation_ratio", None) is None:
+        if _partial(ev):
             return False
-        near = min(others, key=lambda e: abs(e.ppl_ratio - ev.ppl_ratio))
-        slope = (near.activation_ratio - ev.activation_ratio) / (near.ppl_ratio - ev.ppl_ratio)
-        return abs(slope * (ev.ppl_ratio - target)) <= atol
+        err = abs(ev.ppl_ratio / target - 1)
+        return err <= ftol or (err <= loose and len(evals) >= 3)
+
+    def bracket() -> tuple[Evaluation | None, Evaluation | None]:
+        """The tightest (below, above) pair; full evaluations first, and never inverted by noise."""
+        lo = hi = None
+        for e in sorted(evals, key=_partial):
+            if g(e) < 0 and (lo is None or e.tau > lo.tau) and (hi is None or e.tau < hi.tau):
+                lo = e
+            elif g(e) >= 0 and (hi is None or e.tau < hi.tau) and (lo is None or e.tau > lo.tau):
+                hi = e
+        return lo, hi
+
+    def trend() -> float | None:
+        """ln tau where the fitted line y = a + k x reaches the target (None: no point with ln F > 0)."""
+        pts = [(math.log(e.tau), y(e), e) for e in evals if ln_f(e) > 1e-9]
+        if not pts:
+            return None
+        # the line passes through the points nearest the target (weights fall with |y - yt|) ...
+        wts = [1.0 / (abs(yy - yt) + 0.02) for _, yy, _ in pts]
+        sw = sum(wts)
+        xm = sum(w * xx for w, (xx, _, _) in zip(wts, pts)) / sw
+        ym = sum(w * yy for w, (_, yy, _) in zip(wts, pts)) / sw
+        # ... with a slope fitted to all of them, pulled towards 1.5 when they span little of x
+        sxx = sum((xx - xm) ** 2 for xx, _, _ in pts)
+        sxy = sum((xx - xm) * (yy - ym) for xx, yy, _ in pts)
+        k = min(10.0, max(0.5, (sxy + PRIOR_WEIGHT * 1.5) / (sxx + PRIOR_WEIGHT)))
+        return xm + (yt - ym) / k
 
     ev = run(tau0)
+    same_side = 0
+    while not done(ev) and len(evals) < max_evals:
+        lo, hi = bracket()
+        if hi is None and max(e.tau for e in evals) >= 1.0:
+            top = max(evals, key=lambda e: (e.tau, not _partial(e)))
+            return top, f"even tau = 1 keeps the PPL ratio at {top.ppl_ratio:.4f} < target {target:.4f}"
+        if lo is None and min(e.tau for e in evals) <= 1e-7:
+            return ev, "even tau = 1e-7 exceeds the target PPL ratio"
+        x = trend()
+        if lo is None or hi is None:  # extrapolate, at most x10 per step
+            cur = lo if hi is None else hi
+            if x is None:
+                x = math.log(cur.tau) + math.log(10)
+            x = min(max(x, math.log(cur.tau) - math.log(10)), math.log(cur.tau) + math.log(10))
+            x = min(max(x, math.log(1e-7)), 0.0)
+        else:
+            xa, xb = math.log(lo.tau), math.log(hi.tau)
+            if xb - xa < xtol:
+                break
+            prev = evals[-2:]
+            same_side = same_side + 1 if len(prev) == 2 and (g(prev[0]) < 0) == (g(prev[1]) < 0) else 0
+            if x is None or same_side >= 2:  # the trend keeps missing on one side: bisect in ln tau
+                x, same_side = (xa + xb) / 2, 0
+            margin = 0.02 * (xb - xa)
+            x = min(max(x, xa + margin), xb - margin)
+        ev = run(math.exp(x))
     if done(ev):
         return ev, ""
-    lo, hi = (ev, None) if g(ev) < 0 else (None, ev)
-    # 1. bracket: extrapolate in log-log, at most x10 per step
-    while (lo is None or hi is None) and len(evals) < max_evals:
-        cur = lo if hi is None else hi
-        if hi is None and cur.tau >= 1.0:
-            return cur, f"even tau = 1 keeps the PPL ratio at {cur.ppl_ratio:.4f} < target {target:.4f}"
-        if lo is None and cur.tau <= 1e-7:
-            return cur, "even tau = 1e-7 exceeds the target PPL ratio"
-        pos = [e for e in evals if math.log(e.ppl_ratio) > 1e-9]
-        # slope of ln ln F against ln tau, measured from the last two evaluations once there are two. Trained
-        # models show 1.2-2.5; starting below the middle makes the first step overshoot a little, so the
-        # second evaluation usually brackets the root and the secant then closes in on it
-        k = 1.5
-        if len(pos) >= 2 and pos[-1].tau != pos[-2].tau:
-            k = (y(pos[-1]) - y(pos[-2])) / (math.log(pos[-1].tau) - math.log(pos[-2].tau))
-            k = min(10.0, max(0.5, k))
-        step = math.exp((math.log(lt) - y(cur)) / k) if math.log(cur.ppl_ratio) > 1e-9 else 10.0
-        step = min(10.0, max(0.1, step))
-        ev = run(min(1.0, cur.tau * step) if hi is None else max(1e-7, cur.tau * step))
-        if done(ev):
-            return ev, ""
-        if g(ev) < 0:
-            lo = ev if lo is None or ev.tau > lo.tau else lo
-        else:
-            hi = ev if hi is None or ev.tau < hi.tau else hi
-    # 2. safeguarded secant inside [lo, hi]; an end kept twice in a row has its value halved (Illinois)
-    kept_lo = kept_hi = 0
-    while lo is not None and hi is not None and len(evals) < max_evals:
-        xa, xb = math.log(lo.tau), math.log(hi.tau)
-        if xb - xa < xtol:
-            break
-        if math.log(lo.ppl_ratio) > 1e-9:
-            ya, yb, yt = y(lo), y(hi), math.log(lt)
-        else:
-            ya, yb, yt = g(lo), g(hi), 0.0
-        ya = yt + (ya - yt) / 2 ** max(0, kept_lo - 1)
-        yb = yt + (yb - yt) / 2 ** max(0, kept_hi - 1)
-        x = xa + (yt - ya) * (xb - xa) / (yb - ya) if yb != ya else (xa + xb) / 2
-        margin = 0.02 * (xb - xa)
-        near = sorted((e for e in evals if math.log(e.ppl_ratio) > 1e-9), key=lambda e: abs(g(e)))[:2]
-        if len(near) == 2 and near[0].tau != near[1].tau and y(near[0]) != y(near[1]):
-            # plain secant through the two evaluations nearest the target: superlinear where the curve is
-            # smooth; used when it falls inside the bracket, else the Illinois step above
-            x1, x2 = math.log(near[0].tau), math.log(near[1].tau)
-            xs = x1 + (math.log(lt) - y(near[0])) * (x2 - x1) / (y(near[1]) - y(near[0]))
-            if xa + margin < xs < xb - margin:
-                x = xs
-        ev = run(math.exp(min(max(x, xa + margin), xb - margin)))
-        if done(ev):
-            return ev, ""
-        if g(ev) < 0:
-            lo, kept_lo, kept_hi = ev, 0, kept_hi + 1
-        else:
-            hi, kept_hi, kept_lo = ev, 0, kept_lo + 1
-    best = min(evals, key=lambda e: abs(e.ppl_ratio / target - 1))
+    best = min((e for e in evals if not _partial(e)), key=lambda e: abs(e.ppl_ratio / target - 1),
+               default=evals[-1])
     if abs(best.ppl_ratio / target - 1) <= accept:
         return best, ""
     return best, f"stopped after {len(evals)} evaluations; closest PPL ratio {best.ppl_ratio:.5f}"
+
+
+def _partial(ev: Evaluation) -> bool:
+    return getattr(ev, "partial", False)
+
+
+def stop_early(ln_fs: list[float], scales: list[float] | None, target: float) -> bool:
+    """Whether the batches measured so far (their ln F, in order) put the whole set's F clearly (two
+    spreads) away from the target, so the remaining batches need not be run at this tau.
+
+    scales: each batch's ln F over the whole set's at an earlier full evaluation (None before the first).
+    """
+    n = len(ln_fs)
+    if scales is not None:
+        est = sum(lf / sc for lf, sc in zip(ln_fs, scales)) / n
+        spread = SPREAD_KNOWN
+    else:
+        est, spread = sum(ln_fs) / n, SPREAD_UNKNOWN
+    if est <= 0:
+        return True
+    return abs(math.log(est / math.log(target))) > 2 * spread / math.sqrt(n)
+
+
+class Batchwise:
+    """Runs one tau's batches in order and stops early once those run put F clearly off target (a
+    partial evaluation costs a fraction of a full one and only steers the solver). It learns each
+    batch's ln F relative to the whole set's from full evaluations, and never stops two evaluations in
+    a row, so a batch whose ratio was misjudged cannot steer the search for long."""
+
+    def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS):
+        # a batch's ln F is only a fair sign of the whole set's when the batch is large: below
+        # EARLY_STOP_TOKENS its noise swamps the spread, so every evaluation runs every batch
+        self.n, self.target = n, target
+        self.can_stop = n > 1 and batch_tokens >= EARLY_STOP_TOKENS
+        self.scales: list[float] | None = None
+        self.last_partial = False
+
+    def run(self, run_batch: Callable[[int], tuple[T, float]]) -> list[T]:
+        """run_batch(i) -> (result, ln F of batch i); returns the results of the batches run."""
+        out, ln_fs = [], []
+        for i in range(self.n):
+            res, lf = run_batch(i)
+            out.append(res)
+            ln_fs.append(lf)
+            if i + 1 < self.n and self.can_stop and not self.last_partial and stop_early(ln_fs, self.scales,
+                                                                                          self.target):
+                break
+        self.last_partial = len(out) < self.n
+        return out
+
+    def learn(self, ev: Evaluation) -> None:
+        """After a full evaluation: each batch's ln F over the whole set's (kept when F is too near 1)."""
+        whole = math.log(ev.ppl_ratio)
+        lfs = [math.log(r) for r in ev.batch_ratios]
+        if not ev.partial and whole > 1e-4 and min(lfs) > 0:
+            self.scales = [lf / whole for lf in lfs]
 
 
 # --- fast search ----------------------------------------------------------------------------------------
@@ -246,11 +324,11 @@ class BatchState:
 
 
 def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: str, counter: PassCounter,
-                    detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
+                    detail: bool, hint: torch.Tensor | None = None) -> list[tuple[float, PassResult, torch.Tensor]]:
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search, all
     batches' searches stepped together)."""
     before, t0 = sum(st.search.evaluations for st in states), time.perf_counter()
-    ths = thresholds_all([st.search for st in states], tau)
+    ths = thresholds_all([st.search for st in states], tau, hint)
     counter.products += sum(st.search.evaluations for st in states) - before
     counter.timed("thresholds", t0)
     parts = []
@@ -303,10 +381,25 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     states = [BatchState(m, ids, positions, counter) for ids in calib]
     history: list[dict] = []
 
+    batchwise = Batchwise(len(states), target, min(st.ids.numel() for st in states))
+
     def evaluate(tau: float) -> Evaluation:
-        ev = combine(tau, evaluate_states(m, states, tau, positions, counter, detail=True))
-        history.append({**ev.brief(), "batches": len(states)})
-        _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}", progress)
+        """All held batches at tau, one after the other, unless the first ones put F clearly off target."""
+        last: list[torch.Tensor] = []  # the previous batch's thresholds at this tau: the next one's first guess
+
+        def one(i: int) -> tuple[tuple[float, PassResult, torch.Tensor], float]:
+            part = evaluate_states(m, [states[i]], tau, positions, counter, detail=True,
+                                   hint=last[-1] if last else None)[0]
+            last.append(part[2])
+            return part, part[1].loss - part[0]
+
+        parts = batchwise.run(one)
+        ev = combine(tau, parts)
+        ev.partial = len(parts) < len(states)
+        batchwise.learn(ev)
+        history.append({**ev.brief(), "batches": len(parts)})
+        _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}"
+             + (f"  ({len(parts)} of {len(states)} batches: clearly off)" if ev.partial else ""), progress)
         return ev
 
     ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0, max_evals=max_evals)

@@ -126,7 +126,12 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 2) -> torch.Te
 @torch.no_grad()
 def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
              detail: bool = False) -> PassResult:
-    """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass."""
+    """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass.
+
+    CETT on a GPU goes through one fused Triton kernel per layer (`kernels.cett_mask`, off with
+    SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons."""
+    from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
+
     ids = ids.to(m.device)
     counted = counted_positions(ids, positions).flatten()
     n_counted = int(counted.sum())
@@ -134,10 +139,20 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
     neuron_kept = torch.zeros(m.n_layers, m.d_ff, device=m.device, dtype=torch.float64) if detail else None
     token_ratio = torch.zeros(m.n_layers, ids.shape[1], device=m.device) if detail else None
     captured: list[torch.Tensor | None] = [None] * m.n_layers
+    seq = ids.shape[1]
 
     def fn(i: int, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
         if capture:
             captured[i] = h.reshape(-1, h.shape[-1])[counted] if positions != "all" else h.reshape(-1, h.shape[-1])
+        if rule.kind == "cett" and cett_mask.enabled(h):  # one kernel: mask, masked h and both counts
+            out, col, rows = cett_mask.apply(h, m.norms[i], rule.thresholds[i],
+                                             seq=seq if positions == "labeled" else None,
+                                             row_counts=seq if detail else 0)
+            kept[i] += col.sum()
+            if detail:
+                neuron_kept[i] += col
+                token_ratio[i] = rows.float() / h.shape[-1]
+            return out
         keep = rule.keep(i, h, s, m.norms[i])
         if keep is None:  # dense: every neuron counts as kept
             kept[i] += n_counted * m.d_ff
@@ -151,7 +166,8 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
         kept[i] += col.sum()
         if detail:
             neuron_kept[i] += col
-            token_ratio[i] = keep_flat[: ids.shape[1]].float().mean(-1)
+            # kept counts over d_f, as the fused path computes them (identical token ratios)
+            token_ratio[i] = keep_flat[:seq].sum(-1, dtype=torch.int32).float() / keep.shape[-1]
         return torch.where(keep, h, 0)
 
     with hooked(m.sites, fn, need_s=rule.need_s):
