@@ -226,8 +226,9 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         x = trend()
         if lo is None or hi is None:  # extrapolate, at most x10 per step
             cur = lo if hi is None else hi
-            if x is None:
-                x = math.log(cur.tau) + math.log(10)
+            up = 1.0 if hi is None else -1.0  # always away from the known side
+            if x is None or up * (x - math.log(cur.tau)) <= 0:  # no trend, or it points back (flat, noisy,
+                x = math.log(cur.tau) + up * math.log(3)      # or F < 1 there): a geometric step instead
             x = min(max(x, math.log(cur.tau) - math.log(10)), math.log(cur.tau) + math.log(10))
             x = min(max(x, math.log(1e-7)), 0.0)
         else:
@@ -236,7 +237,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
                 break
             prev = evals[-2:]
             same_side = same_side + 1 if len(prev) == 2 and (g(prev[0]) < 0) == (g(prev[1]) < 0) else 0
-            if x is None or same_side >= 2:  # the trend keeps missing on one side: bisect in ln tau
+            if x is None or same_side >= 2 or not xa < x < xb:  # the trend misses, or points out: bisect
                 x, same_side = (xa + xb) / 2, 0
             margin = 0.02 * (xb - xa)
             x = min(max(x, xa + margin), xb - margin)
@@ -385,11 +386,14 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
 
     def evaluate(tau: float) -> Evaluation:
         """All held batches at tau, one after the other, unless the first ones put F clearly off target."""
-        last: list[torch.Tensor] = []  # the previous batch's thresholds at this tau: the next one's first guess
+        # the previous batch's thresholds at this tau: the next one's first guess, where batches are large
+        # enough to agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on
+        # 1K-token batches of SmolLM2-135M they added 7%)
+        last: list[torch.Tensor] = []
 
         def one(i: int) -> tuple[tuple[float, PassResult, torch.Tensor], float]:
             part = evaluate_states(m, [states[i]], tau, positions, counter, detail=True,
-                                   hint=last[-1] if last else None)[0]
+                                   hint=last[-1] if last and batchwise.can_stop else None)[0]
             last.append(part[2])
             return part, part[1].loss - part[0]
 
