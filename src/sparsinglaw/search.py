@@ -279,10 +279,10 @@ class Batchwise:
     a row, so a batch whose ratio was misjudged cannot steer the search for long."""
 
     def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS):
-        # a batch's ln F is only a fair sign of the whole set's when the batch is large: below
-        # EARLY_STOP_TOKENS its noise swamps the spread, so every evaluation runs every batch
+        # a batch speaks for the whole set (its ln F for stopping early, its thresholds as the next batch's
+        # first guess) only when it is large: below EARLY_STOP_TOKENS its noise swamps the spread
         self.n, self.target = n, target
-        self.can_stop = n > 1 and batch_tokens >= EARLY_STOP_TOKENS
+        self.representative = n > 1 and batch_tokens >= EARLY_STOP_TOKENS
         self.scales: list[float] | None = None
         self.last_partial = False
 
@@ -293,8 +293,8 @@ class Batchwise:
             res, lf = run_batch(i)
             out.append(res)
             ln_fs.append(lf)
-            if i + 1 < self.n and self.can_stop and not self.last_partial and stop_early(ln_fs, self.scales,
-                                                                                          self.target):
+            stop = i + 1 < self.n and self.representative and not self.last_partial
+            if stop and stop_early(ln_fs, self.scales, self.target):
                 break
         self.last_partial = len(out) < self.n
         return out
@@ -393,7 +393,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
 
         def one(i: int) -> tuple[tuple[float, PassResult, torch.Tensor], float]:
             part = evaluate_states(m, [states[i]], tau, positions, counter, detail=True,
-                                   hint=last[-1] if last and batchwise.can_stop else None)[0]
+                                   hint=last[-1] if last and batchwise.representative else None)[0]
             last.append(part[2])
             return part, part[1].loss - part[0]
 

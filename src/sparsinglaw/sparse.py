@@ -60,6 +60,15 @@ class Rule:
             return s.abs() >= self.thresholds[i].to(s.dtype)
         raise ValueError(f"unknown rule {self.kind}")
 
+    def mask(self, i: int, h: torch.Tensor, s: torch.Tensor, norms: torch.Tensor) -> torch.Tensor | None:
+        """h with the dropped neurons zeroed (None: dense); CETT through the fused kernel where it runs."""
+        from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
+
+        if self.kind == "cett" and cett_mask.enabled(h):
+            return cett_mask.apply(h, norms, self.thresholds[i])[0]
+        keep = self.keep(i, h, s, norms)
+        return None if keep is None else torch.where(keep, h, 0)
+
 
 @dataclass
 class PassResult:
@@ -225,8 +234,5 @@ def sparsify(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Ite
         raise UserError(f"thresholds have {len(th.thresholds)} layers but the model has {m.n_layers}")
     rule = th.rule(m.device)
 
-    def fn(i: int, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return torch.where(rule.keep(i, h, s, m.norms[i]), h, 0)
-
-    with hooked(m.sites, fn, need_s=rule.need_s):
+    with hooked(m.sites, lambda i, h, s: rule.mask(i, h, s, m.norms[i]), need_s=rule.need_s):
         yield m
