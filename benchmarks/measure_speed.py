@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="text source for --model (default: CPython's prose)")
     ap.add_argument("--random-tokens", action="store_true", help="uniform random token ids instead of text")
     ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--slices", type=int, default=1,
+                    help="repeat every run on this many disjoint --tokens slices of the data (the spread of the "
+                         "speed-up and of the answer's agreement, one model load)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--p", type=float, default=1.0)
@@ -147,20 +150,27 @@ def main() -> None:
     vocab = model.config.vocab_size
     m = Model(model)
     rows = []
-    batches = batches_for(args, tokenizer, vocab, args.tokens)
+    every = batches_for(args, tokenizer, vocab, args.tokens * args.slices)
+    per = len(every) // args.slices
+    if args.slices > 1 and (per == 0 or sum(b.numel() for b in every) < args.tokens * args.slices):
+        raise SystemExit(f"the data holds {sum(b.numel() for b in every)} tokens, fewer than --slices "
+                         f"{args.slices} x --tokens {args.tokens}")
     # warm-up: kernels, allocator
-    fast_search(m, batches[:1], args.p, progress=False) if device.type == "cuda" else None
-    for kind in [r for r in args.runs.split(",") if r]:
-        rows.append(run_one(kind, m, batches, args, device))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    fast_search(m, every[:1], args.p, progress=False) if device.type == "cuda" else None
+    for i in range(args.slices):
+        batches = every[i * per:(i + 1) * per]
+        for kind in [r for r in args.runs.split(",") if r]:
+            rows.append({**run_one(kind, m, batches, args, device), "slice": i})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     memory = []
     for n in [int(x) for x in args.memory.split(",") if x]:
         memory.append(run_one("fast", m, batches_for(args, tokenizer, vocab, n), args, device))
         print(json.dumps(memory[-1]), file=sys.stderr, flush=True)
 
-    fast = next((r for r in rows if r["run"] == "fast"), None)
     for r in rows:
+        fast = next((f for f in rows if f["run"] == "fast" and f["slice"] == r["slice"]), None)
         r["speedup_of_fast"] = r["wall_s"] / fast["wall_s"] if fast else None
+        r["activation_ratio_minus_fast"] = r["activation_ratio"] - fast["activation_ratio"] if fast else None
     hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     import transformers
@@ -172,13 +182,15 @@ def main() -> None:
                            "transformers": transformers.__version__},
               "rows": rows, "memory": memory}
     print(f"\n{label} on {device} ({dtype}), p = {args.p}%")
-    print(f"{'run':<9}{'tokens':>9}{'wall s':>9}{'passes':>8}{'evals':>6}{'tau':>11}{'act.ratio':>10}"
-          f"{'PPL ratio':>10}{'peak GiB':>9}{'fast x':>8}")
+    print(f"{'slice':<6}{'run':<9}{'tokens':>9}{'wall s':>9}{'passes':>8}{'evals':>6}{'tau':>11}{'act.ratio':>10}"
+          f"{'- fast':>8}{'PPL ratio':>10}{'peak GiB':>9}{'fast x':>8}")
     for r in rows + memory:
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         sp = f"{r.get('speedup_of_fast'):.1f}" if r.get("speedup_of_fast") else "-"
-        print(f"{r['run']:<9}{r['tokens']:>9}{r['wall_s']:>9.2f}{r['forward_passes']:>8}{r['evaluations']:>6}"
-              f"{r['tau']:>11.6f}{r['activation_ratio']:>10.4f}{r['ppl_ratio']:>10.5f}{peak:>9}{sp:>8}")
+        da = f"{r['activation_ratio_minus_fast']:+.4f}" if r.get("activation_ratio_minus_fast") is not None else "-"
+        print(f"{r.get('slice', '-')!s:<6}{r['run']:<9}{r['tokens']:>9}{r['wall_s']:>9.2f}{r['forward_passes']:>8}"
+              f"{r['evaluations']:>6}{r['tau']:>11.6f}{r['activation_ratio']:>10.4f}{da:>8}{r['ppl_ratio']:>10.5f}"
+              f"{peak:>9}{sp:>8}")
     tag = args.tag or f"{device.type}_{(args.config or Path(label).name).replace('/', '_')}"
     path = Path(__file__).resolve().parent / "results" / f"measure_speed_{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

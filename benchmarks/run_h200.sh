@@ -3,6 +3,10 @@
 #   bash benchmarks/run_h200.sh measure     # issue 2: train a 0.1B model for minutes, fast vs reference search
 #                                           #   on it (64K tokens), then the 1.2B shape: timing and memory
 #   bash benchmarks/run_h200.sh big         # issue 2: 1.2B shape, random weights: timing and peak memory
+#   bash benchmarks/run_h200.sh repeat      # issue 2: the spread: fast vs reference on two checkpoints of a 0.1B
+#                                           #   run, three disjoint 64K-token slices each
+#   bash benchmarks/run_h200.sh bigtrained  # issue 2: train the 1.2B preset for minutes, fast vs reference on
+#                                           #   it (64K tokens), then the fast search's memory at 1M tokens
 #   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
 #   bash benchmarks/run_h200.sh study       # issue 4: ReLU vs SiLU of one small preset, tracked, laws fitted
 #   bash benchmarks/run_h200.sh check       # issue 2: profile, fast vs reference (bf16, a rounding-only
@@ -18,10 +22,10 @@ SL="python3 -m sparsinglaw"
 STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= 128K tokens
-  python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=131072)"
+corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= $2 tokens
+  python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=${2:-131072})"
 }
-[ $# -gt 0 ] || { echo "usage: $0 measure|check|big|trainspeed|study ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|big|bigtrained|trainspeed|study ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
@@ -52,6 +56,28 @@ check)  # issue 2 in one call: where the time goes, fast vs reference in bf16, t
   timeout 150 python3 $M --runs fast,ref1e-6 --dtype fp32 --tag h200_0.1b_trained_fp32 --out "$OUT" --quiet \
     2>&1 | tail -4
   ;;
+repeat)  # issue 2: speed-up and agreement over 6 (model, tokens) pairs: 2 checkpoints x 3 disjoint slices
+  corpus /tmp/corpus_r 230000
+  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 \
+    --grad-accum 2 --data /tmp/corpus_r --ckpt-every 6M --out /tmp/runs/r01 --quiet 2>&1 | tail -2
+  for CK in $(ls -d /tmp/runs/r01/checkpoints/step-* | tail -2); do
+    timeout 150 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus_r/val.jsonl --tokens 65536 \
+      --slices 3 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 --tag "h200_0.1b_repeat_$(basename $CK)" \
+      --out "$OUT" --quiet 2>&1 | tail -11
+  done
+  ;;
+bigtrained)  # issue 2: the 1.2B preset trained for a few minutes (random weights never reach +1% PPL)
+  corpus /tmp/corpus12 1150000
+  timeout "${TRAIN_S:-270}" $SL train --preset 1.2b --act silu --tokens "${TRAIN_TOKENS:-6M}" --seq-len 2048 \
+    --batch-size 4 --grad-accum 8 --data /tmp/corpus12 --ckpt-every 2M --out /tmp/runs/b12 --quiet 2>&1 | tail -3
+  cp /tmp/runs/b12/log.jsonl "$OUT/train_1.2b_log.jsonl"
+  CK=$(ls -d /tmp/runs/b12/checkpoints/step-* | tail -1)
+  M="benchmarks/measure_speed.py --model $CK --data /tmp/corpus12/val.jsonl --seq-len 2048 --batch-size 8 --calib-tokens 65536"
+  timeout 230 python3 $M --tokens 65536 --runs fast,ref1e-3,ref1e-6 --tag h200_1.2b_trained --out "$OUT" --quiet \
+    2>&1 | tail -5
+  timeout 200 python3 $M --tokens 65536 --runs fast --memory 1048576 --tag h200_1.2b_trained_memory --out "$OUT" \
+    --quiet 2>&1 | tail -4
+  ;;
 big)  # issue 2: the 1.2B shape with random weights: the fast search's work for the trained model's taus
   # (every tau on every batch: an upper bound), the reference at tol 1e-3, and peak memory at 64K and 1M tokens
   TAUS=$(python3 -c "import json; r=json.load(open('benchmarks/results/measure_speed_h200_0.1b_trained.json'))['rows'][0]; print(','.join(str(t) for t in r['taus']))" 2>/dev/null || echo 0.1,0.2,0.17,0.175,0.1745)
@@ -77,6 +103,6 @@ study)
   rm -rf results/study/*/checkpoints
   tar czf "$OUT/study.tgz" results/study
   ;;
-*) echo "unknown stage $stage; use measure, check, big, trainspeed or study"; exit 2 ;;
+*) echo "unknown stage $stage; use measure, check, repeat, big, bigtrained, trainspeed or study"; exit 2 ;;
 esac
 done
