@@ -156,6 +156,59 @@ def test_cett_threshold_is_largest_candidate_within_tau():
     assert dense.cett(torch.tensor([0]), grid[i + 1:i + 2]).item() > 0.25
 
 
+class _Curve:
+    """Stands in for DenseLayers: each layer's CETT is a given function of the threshold; counts probes."""
+
+    def __init__(self, fns: list, top: float = 2.0):
+        self.fns, self.n_layers, self.products, self.steps = fns, len(fns), 0, 0
+        self.grid = torch.stack([torch.linspace(0.0, top, metrics.GRID_POINTS) for _ in fns])
+
+    def grids(self) -> torch.Tensor:
+        return self.grid
+
+    def cett(self, layers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.steps, self.products = self.steps + 1, self.products + len(layers)
+        return torch.tensor([self.fns[i](x) for i, x in zip(layers.tolist(), t.tolist())], dtype=torch.float64)
+
+
+def _bisect(fn, grid: torch.Tensor, tau: float) -> float:
+    """The authors' bisection over the candidates (`reference_layer_threshold`), on a CETT function."""
+    lo, hi = 0, len(grid) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fn(float(grid[mid])) > tau else (mid + 1, hi)
+    return float(grid[lo - 1])
+
+
+def test_search_aims_at_power_law_crossings_and_hands_its_exponents_to_the_next_batch():
+    # CETT ~ (t / s)^k, as real layers nearly are (k 1.0-1.35): each batch's scale s differs by ~1%, as
+    # batches do; batch i gets batch i-1's thresholds (and exponents) as its hint, as the fast search does
+    curves = [_Curve([lambda t, k=k, s=s: min(1.0, (t / s) ** k) for k in (1.1, 1.25, 1.4)])
+              for s in (5.0, 5.05, 4.97, 5.02)]
+    searches = [metrics.ThresholdSearch(c) for c in curves]
+    for tau in (0.1, 0.1015, 0.0995):
+        hint = None
+        for c, s in zip(curves, searches):
+            before = c.products
+            th = metrics.thresholds_all([s], tau, hint)[0]
+            assert th.tolist() == [_bisect(fn, c.grid[0], tau) for fn in c.fns]
+            assert th.exponents == pytest.approx([1.1, 1.25, 1.4], rel=1e-3)
+            # masked products per layer: from nothing known, a few; from the hint and its exponent, one
+            # probe then the two candidates about the crossing; at a later tau, those two only
+            most = 2 if tau != 0.1 else 3 if hint is not None else 6
+            assert c.products - before <= most * c.n_layers
+            hint = th
+
+
+def test_search_falls_back_to_bisection_on_a_cliff_and_still_returns_the_reference_candidate():
+    # CETT jumping over tau between two candidates: every power-law estimate misses, so the progress
+    # safeguard must take over (bisection), keeping the worst case near the reference's 16 steps
+    fns = [lambda t, c=c: 0.05 * t if t < c else 0.9 + 0.01 * t for c in (1.2345, 0.0101, 1.9876)]
+    curve = _Curve(fns)
+    th = metrics.ThresholdSearch(curve).thresholds(0.5)
+    assert th.tolist() == [_bisect(fn, curve.grid[0], 0.5) for fn in fns]
+    assert curve.steps <= 24  # (2 x 16 at worst)
+
 # --- the four metrics' masks --------------------------------------------------------------------------
 
 def test_topk_pooled_keeps_fraction_k_of_the_whole_tensor_and_per_token_keeps_k_each():

@@ -6,6 +6,7 @@ Conventions: h is the input of the down projection (m tokens x d_f), s the activ
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -13,7 +14,16 @@ from dataclasses import dataclass
 import torch
 
 GRID_POINTS = 65536  # the authors' candidate count per layer
-HINT_SPREAD = 0.005  # another batch's threshold is probed at +-0.5%: batches of one layer differ by about that
+# CETT threshold search: uncertainties of the crossing's estimates, in candidates (measured on SmolLM2-135M,
+# benchmarks/threshold_probes.py; CETT grows as about t^1.2 and is smooth down to a single candidate)
+HINT_SPREAD = 0.005  # another batch's threshold: relative (batches of one layer differ by 0.1-5%)
+SHIFT_SPREAD = (0.0002, 0.01)  # the same, corrected by this batch's offset at tau_then: a + b |ln(tau / tau_then)|
+INTERP_SIGMA = (0.3, 300.0)  # power law between measured bracket ends w apart: a + (w / b)^2 (noise, curvature)
+EXTRAP_SIGMA = (0.5, 0.03)  # power law through a point d away: a + b d (the exponent's error)
+CLOSE_SIGMA = 0.6  # below this, probe the two candidates around the estimate: they usually close the bracket
+DEFAULT_K = 1.25  # CETT ~ t^k before any exponent is measured (1.0-1.35 on SmolLM2-135M, 1.2-1.3 typical)
+FIT_WINDOW = 0.3  # exponent fitted to the points within this of ln t
+MODEL_STEPS = 16  # then bisection only: the worst case stays at 2 x 16 steps
 QUANTILE_MAX = 2**24  # torch.quantile's input limit: the authors subsample with a stride to fit it
 
 
@@ -205,21 +215,31 @@ def reference_layer_threshold(h: torch.Tensor, w: torch.Tensor, norms: torch.Ten
     return grid[lo - 1].item()
 
 
+def _crossing(t1: float, c1: float, t2: float, c2: float, tau: float) -> float | None:
+    """Where CETT reaches tau between (t1, c1) and (t2, c2): a power law through both (CETT grows as
+    about t^1.1-1.4, so its log-log interpolation has no curvature bias), linear where logs fail."""
+    if c2 <= c1 or t2 <= t1 or not (c1 <= tau <= c2):
+        return None
+    if t1 > 0 and c1 > 0:
+        return t1 * math.exp(math.log(t2 / t1) * math.log(tau / c1) / math.log(c2 / c1))
+    return t1 + (t2 - t1) * (tau - c1) / (c2 - c1)
+
+
 class ThresholdSearch:
     """Per-layer CETT thresholds of one batch for any tau, on the authors' candidate grid.
 
     It returns the reference's candidate (the one just below the first whose CETT exceeds tau) but gets
     there with far fewer masked products: all layers (and, through `thresholds_all`, all batches) are
     searched at once (one host sync per step), CETT evaluations are memoised across taus (a later tau
-    starts from the tightest known bracket), and the next probe comes from a power law through the
-    measured points nearest tau, two candidates at once when the estimate is close (safeguarded by
-    interpolation and bisection when a step fails to halve the bracket) instead of always bisecting.
+    starts from the tightest known bracket), and every probe aims at an estimate of the crossing.
+    CETT(t) is smooth down to a single candidate and close to a power law, so an estimate from measured
+    points or another batch's threshold is good to a few candidates; once it is good to about one, the
+    two candidates around it end the search. Typically 2-4 masked products per layer and tau, in as many
+    steps (benchmarks/threshold_probes.py), against the reference's 16.
 
     Differs from the reference in one guard: when even the smallest candidate exceeds tau, the layer
     keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.
     """
-
-    pair_delta = 2.0  # probe two candidates at once when the estimate is this close (in candidates)
 
     def __init__(self, dense: DenseLayers):
         self.dense = dense
@@ -231,6 +251,18 @@ class ThresholdSearch:
         self.evaluations = 0
         ends = self.grid[:, [0, -1]].double().cpu().tolist()  # grid[x] = start + x * step (a linspace)
         self._line = [(a, (b - a) / (GRID_POINTS - 1)) for a, b in ends]
+        # the known points in (ln t, ln CETT), where both are positive: where the power laws are fitted
+        self._logs: list[dict[int, tuple[float, float]]] = [{} for _ in range(n)]
+        # per layer, from the last search given a hint: (tau, this batch's threshold / the hint)
+        self._offset: list[tuple[float, float] | None] = [None] * n
+
+    def _t(self, layer: int, x: float) -> float:
+        start, step = self._line[layer]
+        return start + x * step
+
+    def _x(self, layer: int, t: float) -> float:
+        start, step = self._line[layer]
+        return (t - start) / step
 
     def _bracket(self, layer: int, tau: float) -> tuple[int, float, int, float]:
         lo, c_lo, hi, c_hi = -1, 0.0, GRID_POINTS - 1, 1.0
@@ -245,78 +277,110 @@ class ThresholdSearch:
         return lo, c_lo, hi, c_hi
 
     def _proposal(self, layer: int, lo: int, c_lo: float, hi: int, c_hi: float, tau: float, slow: int,
-                  hint: float | None = None) -> list[int]:
-        """Grid indices to probe next for one layer: one, or two around a trusted estimate.
+                  hint: float | None = None, hint_k: float | None = None) -> list[int]:
+        """Grid indices to probe next for one layer.
 
-        With two measured points, CETT is modelled as a power of the threshold through the measured points
-        nearest tau (one each side when known); that lands within a few candidates of the answer, so two
-        probes around the estimate usually close the bracket in one step. Otherwise (or after a probe
-        that failed to halve the bracket) it falls back to interpolation in the bracket, then bisection.
+        With an estimate of the crossing good to about a candidate: the candidates either side of it (less
+        a known end), which usually end the search. With a rougher one: the estimate itself (the next
+        estimate, a power law through it, is then good to a candidate), or, with no exponent known yet,
+        two probes about the estimate's spread apart. Without an estimate, or after a step that made no
+        progress: interpolation in the bracket, then bisection.
         """
         if hi - lo <= 3:
             return list(range(lo + 1, hi))
-        start, step = self._line[layer]
-        if hint is not None and step > 0 and not slow:
-            # another batch's threshold at this tau: a better first guess than extrapolating this batch's
-            # own points, unless one of them already has a CETT within 5% of tau
-            near = min((abs(math.log(c / tau)) for c in self.known[layer].values() if c > 0), default=math.inf)
-            x = (hint - start) / step
-            if near > 0.05 and lo < x < hi:
-                d = max(1.0, HINT_SPREAD * hint / step)
-                return sorted({min(max(math.floor(x - d), lo + 1), hi - 1), min(max(math.ceil(x + d), lo + 1), hi - 1)})
-        real = [(x, c) for x, c in self.known[layer].items() if c > 0 and start + x * step > 0]
-        est = None
-        if len(real) >= 2 and not slow:
-            below = [pt for pt in real if pt[1] <= tau]
-            above = [pt for pt in real if pt[1] > tau]
-            if below and above:
-                (x1, c1), (x2, c2) = max(below, key=lambda q: q[1]), min(above, key=lambda q: q[1])
-            else:
-                (x1, c1), (x2, c2) = sorted(real, key=lambda q: abs(math.log(q[1] / tau)))[:2]
-            t1, t2 = start + x1 * step, start + x2 * step
-            if t1 != t2 and c1 != c2:
-                k = (math.log(c2) - math.log(c1)) / (math.log(t2) - math.log(t1))
-                if k > 0:
-                    t = t1 * math.exp((math.log(tau) - math.log(c1)) / k)
-                    est = (t - start) / step if step > 0 else None
-        if est is None or not math.isfinite(est):
+        modelled = not slow and self._line[layer][1] > 0 and tau > 0
+        guess = self._guess(layer, lo, c_lo, hi, c_hi, tau, hint, hint_k) if modelled else None
+        if guess is None:
             frac = (tau - c_lo) / (c_hi - c_lo) if c_hi > c_lo else math.nan
             est = lo + frac * (hi - lo) if math.isfinite(frac) and not slow else (lo + hi) / 2
             return [min(max(round(est), lo + 1), hi - 1)]
-        est = min(max(est, lo + 1), hi - 1)
-        delta = max(0.5, 0.02 * min(abs(est - x) for x, _ in real))
-        if 4 * delta >= hi - lo or delta > self.pair_delta:
-            return [min(max(round(est), lo + 1), hi - 1)]
-        pair = {min(max(math.floor(est - delta + 1), lo + 1), hi - 1),
-                min(max(math.floor(est + delta), lo + 1), hi - 1)}
-        return sorted(pair)
+        x, sigma, sloped = guess
+        if sigma <= CLOSE_SIGMA:
+            j = min(max(math.floor(x), lo), hi - 1)
+            return [v for v in (j, j + 1) if lo < v < hi]
+        if sloped:
+            return [min(max(round(x), lo + 1), hi - 1)]
+        return sorted({min(max(math.floor(x - sigma), lo + 1), hi - 1), min(max(math.ceil(x + sigma), lo + 1), hi - 1)})
+
+    def _exponent(self, layer: int, x0: int) -> float | None:
+        """Local k of CETT ~ t^k: least squares in (ln t, ln CETT) over this batch's points near candidate
+        x0; None with fewer than two, 0 where CETT is flat or falls there (no power law to follow)."""
+        if self._t(layer, x0) <= 0:
+            return None
+        u0 = math.log(self._t(layer, x0))
+        near = [(u, v) for u, v in self._logs[layer].values() if abs(u - u0) <= FIT_WINDOW]
+        if len(near) < 2:
+            return None
+        um, vm = sum(u for u, _ in near) / len(near), sum(v for _, v in near) / len(near)
+        suu = sum((u - um) ** 2 for u, _ in near)
+        k = sum((u - um) * (v - vm) for u, v in near) / suu if suu > 0 else 0.0
+        return k if k > 0 and math.isfinite(k) else 0.0
+
+    def _guess(self, layer: int, lo: int, c_lo: float, hi: int, c_hi: float, tau: float,
+               hint: float | None, hint_k: float | None) -> tuple[float, float, bool] | None:
+        """(crossing of tau as a fractional grid index, its uncertainty in candidates, whether an exponent
+        is known), from the most certain of: a power law between the bracket's measured ends; one through
+        this batch's point nearest tau, with the exponent of its neighbours (else the hint's, else
+        DEFAULT_K); and the hint, corrected by this batch's offset from the hint's batch at an earlier tau."""
+        out: list[tuple[float, float]] = []
+        if lo >= 0 and hi in self.known[layer]:
+            t = _crossing(self._t(layer, lo), c_lo, self._t(layer, hi), c_hi, tau)
+            if t is not None:
+                out.append((self._x(layer, t), INTERP_SIGMA[0] + ((hi - lo) / INTERP_SIGMA[1]) ** 2))
+        logs = self._logs[layer]
+        if logs:
+            lt = math.log(tau)
+            x1 = min(reversed(logs), key=lambda x: abs(logs[x][1] - lt))  # ties: the latest probe
+            k = self._exponent(layer, x1)
+            k = (hint_k or DEFAULT_K) if k is None else k
+            if k > 0:
+                x = self._x(layer, math.exp(min(logs[x1][0] + (lt - logs[x1][1]) / k, 700.0)))  # (k ~ 0: far)
+                out.append((x, EXTRAP_SIGMA[0] + EXTRAP_SIGMA[1] * abs(x - x1)))
+        if hint is not None and hint > 0:
+            spread, off = HINT_SPREAD, self._offset[layer]
+            if off is not None:
+                hint *= off[1]
+                spread = SHIFT_SPREAD[0] + SHIFT_SPREAD[1] * abs(math.log(tau / off[0]))
+            out.append((self._x(layer, hint), spread * hint / self._line[layer][1]))
+        # one beyond the bracket puts the crossing at that end (at the top of the grid, when tau is out of reach)
+        out = [(min(max(x, lo), hi - 1e-9), sg) for x, sg in out if math.isfinite(x)]
+        best = min(out, key=lambda g: g[1], default=None)
+        return None if best is None else (*best, bool(logs) or hint_k is not None)
 
     def thresholds(self, tau: float) -> torch.Tensor:
         """Each layer's threshold at tau (see `thresholds_all` for several batches at once)."""
         return thresholds_all([self], tau)[0]
 
-    def _search(self, tau: float, hint: list[float] | None = None
+    def _search(self, tau: float, hint: list[float] | None = None, hint_k: list[float | None] | None = None
                 ) -> Generator[tuple[torch.Tensor, torch.Tensor], list[float], torch.Tensor]:
         """The bracketing loop as a generator: yields (layers, thresholds) to evaluate, receives their CETT.
-        hint: each layer's threshold at tau on another batch (a first guess)."""
+        hint: each layer's threshold at tau on another batch (a first guess); hint_k: that batch's
+        exponents there (None where unknown)."""
         n = self.dense.n_layers
         state = [list(self._bracket(layer, tau)) for layer in range(n)]
-        slow = [0] * n  # consecutive steps that did not halve the bracket
-        while True:
+        slow = [0] * n  # 1: the last step made no progress, so bisect
+        span = [math.inf] * n  # how far the last step probed from the bracket's nearer end
+        for steps in itertools.count(1):
             active = [layer for layer in range(n) if state[layer][2] - state[layer][0] > 1]
             if not active:
                 break
             layers, probes = [], []
             for layer in active:
-                for x in self._proposal(layer, *state[layer], tau, slow[layer], hint[layer] if hint else None):
+                for x in self._proposal(layer, *state[layer], tau, slow[layer], hint[layer] if hint else None,
+                                        hint_k[layer] if hint_k else None):
                     layers.append(layer)
                     probes.append(x)
             lt = torch.as_tensor(layers, device=self.grid.device)
             vals = yield lt, self.grid[lt, torch.as_tensor(probes, device=self.grid.device)]
             self.evaluations += len(probes)
-            widths = {layer: state[layer][2] - state[layer][0] for layer in active}
+            before = {layer: (state[layer][2] - state[layer][0], 0) for layer in active}
+            for layer, x in zip(layers, probes):
+                lo, hi = state[layer][0], state[layer][2]
+                before[layer] = (hi - lo, max(before[layer][1], min(x - lo, hi - x)))
             for layer, x, c in zip(layers, probes, vals):
                 self.known[layer][x] = c
+                if c > 0 and self._t(layer, x) > 0:
+                    self._logs[layer][x] = (math.log(self._t(layer, x)), math.log(c))
                 lo, c_lo, hi, c_hi = state[layer]
                 if c > tau:  # NaN counts as not above tau, as in the reference, so every probe narrows
                     if x < hi:
@@ -324,20 +388,36 @@ class ThresholdSearch:
                 elif x > lo:
                     state[layer] = [x, c, hi, c_hi]
             for layer in active:
-                slow[layer] = slow[layer] + 1 if 2 * (state[layer][2] - state[layer][0]) > widths[layer] else 0
+                # progress: the bracket halved, or the probes came twice as close to its ends as the last
+                # step's (estimates converging from one side, as a power law's curvature makes them)
+                width, reach = before[layer]
+                ok = 2 * (state[layer][2] - state[layer][0]) <= width or 2 * reach <= span[layer]
+                span[layer] = reach
+                slow[layer] = int(not ok or steps >= MODEL_STEPS)
+        if hint:
+            for layer, st in enumerate(state):
+                if st[0] >= 0 and hint[layer] > 0:
+                    self._offset[layer] = (tau, self._t(layer, st[0]) / hint[layer])
         idx = torch.as_tensor([s[0] for s in state], device=self.grid.device)  # = first exceeding - 1
         t = self.grid.gather(1, idx.clamp(min=0)[:, None])[:, 0]
         # a = 0 neurons contribute nothing, so threshold 0 keeps every neuron that matters
-        return torch.where(idx < 0, torch.zeros_like(t), t)
+        out = torch.where(idx < 0, torch.zeros_like(t), t)
+        # each layer's exponent at the answer rides along: it makes these thresholds a better hint
+        out.exponents = [(self._exponent(layer, st[0]) or None) if st[0] >= 0 else None  # type: ignore[attr-defined]
+                         for layer, st in enumerate(state)]
+        return out
 
 
 def thresholds_all(searches: list[ThresholdSearch], tau: float, hint: torch.Tensor | None = None
                    ) -> list[torch.Tensor]:
     """Per-layer thresholds of several batches at tau, their searches run in lockstep: every step
     launches all batches' probes and waits once, so a device is never idle between small products.
-    hint: (L,) thresholds at tau of another batch, a first guess for each layer."""
+    hint: (L,) thresholds at tau of another batch, a first guess for each layer. The tensors returned
+    carry `exponents` (each layer's local k in CETT ~ t^k at its threshold), which a search given one of
+    them as its hint uses to aim its first probe: a 0.1-5% miss then costs one probe, not two."""
     hl = [float(x) for x in hint.tolist()] if hint is not None else None
-    gens = [s._search(tau, hl) for s in searches]
+    hk = getattr(hint, "exponents", None)
+    gens = [s._search(tau, hl, hk) for s in searches]
     results: list[torch.Tensor | None] = [None] * len(gens)
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
