@@ -313,7 +313,7 @@ def test_solver_with_batchwise_evaluations_stops_clearly_off_taus_early_and_answ
             batchwise.learn(ev)
             return ev
 
-        ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5, tau0=0.1)
+        ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5, tau0=0.1, loose=1e-5)
         assert msg == "" and not ev.partial and abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5
         assert len(runs) <= 6 and runs[-1] == 4
         # never two partial evaluations in a row

@@ -119,9 +119,12 @@ def test_online_tracker_writes_one_line_per_checkpoint(run_cfg: TrainConfig) -> 
     lines = [json.loads(x) for x in Path(run_cfg.out, "online.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [c.step for c in list_checkpoints(run_cfg.out)]
     for r in lines:
-        # 512 tokens make PPL a step function of tau: the search may stop at the closest step (message says so)
+        # 512 tokens make PPL a step function of tau (jumps of 1e-2): the capped search (6 evaluations) may
+        # stop at the closest step, and then says so
         assert "error" not in r and 0 < r["activation_ratio"] < 1 and 0 < r["tau"] < 1
-        assert abs(r["ppl_ratio"] / 1.01 - 1) < 5e-3 and r["measured_tokens"] == 512 and r["seconds"] < 30
+        err = abs(r["ppl_ratio"] / 1.01 - 1)
+        assert err < 5e-3 or (err < 1e-2 and r["message"].startswith("stopped after 6 evaluations"))
+        assert r["measured_tokens"] == 512 and r["seconds"] < 30
         assert r["source"] == "memory" and r["evaluations"] >= 1  # the trainer hands over the model
     log = [json.loads(x) for x in Path(run_cfg.out, "log.jsonl").read_text().splitlines()]
     assert sum(1 for r in log if "hook_s" in r) == 6
