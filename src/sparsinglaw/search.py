@@ -9,9 +9,10 @@ Two searches give the same answer:
   An evaluation runs the batches in order and stops after the first ones when they already put F clearly
   off target (it then only steers). F of a finite sample is a noisy step function of tau (about 1e-4 on
   64K tokens), so an answer is accepted within 1e-4 of the target PPL ratio, or within 3e-4 where the
-  trend of earlier evaluations put it. Memory is bounded by `calib_tokens` (dense intermediates held at
-  once), never by the number of evaluation tokens: batches beyond it are streamed at the found tau
-  (dense pass, search and sparse pass, then freed).
+  trend of earlier evaluations put it (widened as 1/sqrt(tokens) on smaller samples, to at most 5e-4).
+  Memory is bounded by `calib_tokens` (dense intermediates held at once), never by the number of
+  evaluation tokens: batches beyond it are streamed at the found tau (dense pass, search and sparse
+  pass, then freed).
 
 Both use the per-batch regime the paper's numbers use (thresholds re-searched on every batch) and the
 authors' aggregation: the PPL ratio is the mean over batches of exp(loss_sparse - loss_dense).
@@ -36,6 +37,8 @@ T = TypeVar("T")
 
 FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
 LOOSE = 3e-4  # accepted up to this (a little over twice the noise of F on 64K tokens) where the trend puts tau
+LOOSE_TOKENS = 65536  # the sample size LOOSE was measured on
+LOOSE_MAX = 5e-4  # LOOSE widened as 1/sqrt(tokens) on smaller samples, up to this
 PRIOR_WEIGHT = 0.004  # weight of the prior slope 1.5 in the trend fit, in units of sum (ln tau - mean)^2
 EARLY_STOP_TOKENS = 8192  # batches smaller than this are too noisy to stop an evaluation on
 SPREAD_UNKNOWN = 0.35  # relative spread of one batch's ln F around the whole set's, before any full evaluation
@@ -149,7 +152,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
 
     F measured on a finite sample is a noisy step function of tau (about 1e-4 on 64K tokens of a 0.1B
     model, in fp32 as in bf16), so chasing it closer than the noise only moves the answer along the
-    noise. Done when |F/target - 1| <= ftol, or <= loose once two earlier evaluations placed this one
+    noise. Done when |F/target - 1| <= ftol, or <= loose (for 64K tokens; widened as 1/sqrt(tokens) on
+    fewer, to at most LOOSE_MAX) once two earlier evaluations placed this one
     (it sits where the trend crosses the target). Once the bracket is narrower than `xtol` (relative, in
     tau) the closest evaluation is returned if it is within `accept`.
 
@@ -188,7 +192,11 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         if _partial(ev):
             return False
         err = abs(ev.ppl_ratio / target - 1)
-        return err <= ftol or (err <= loose and len(evals) >= 3)
+        # the noise of F falls as 1/sqrt(tokens): `loose` is for 64K tokens, widened on fewer, to at most
+        # LOOSE_MAX (wider lets tau stray from the reference's on small samples)
+        tokens = getattr(ev, "tokens", None)
+        wide = min(max(loose, LOOSE_MAX), loose * math.sqrt(LOOSE_TOKENS / tokens)) if tokens else loose
+        return err <= ftol or (err <= max(loose, wide) and len(evals) >= 3)
 
     def bracket() -> tuple[Evaluation | None, Evaluation | None]:
         """The tightest (below, above) pair; full evaluations first, and never inverted by noise."""
