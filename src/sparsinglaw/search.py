@@ -195,8 +195,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         # the noise of F falls as 1/sqrt(tokens): `loose` is for 64K tokens, widened on fewer, to at most
         # LOOSE_MAX (wider lets tau stray from the reference's on small samples)
         tokens = getattr(ev, "tokens", None)
-        wide = min(max(loose, LOOSE_MAX), loose * math.sqrt(LOOSE_TOKENS / tokens)) if tokens else loose
-        return err <= ftol or (err <= max(loose, wide) and len(evals) >= 3)
+        scale = math.sqrt(max(1.0, LOOSE_TOKENS / tokens)) if tokens else 1.0
+        return err <= ftol or (err <= max(loose, min(LOOSE_MAX, loose * scale)) and len(evals) >= 3)
 
     def bracket() -> tuple[Evaluation | None, Evaluation | None]:
         """The tightest (below, above) pair; full evaluations first, and never inverted by noise."""
