@@ -127,7 +127,7 @@ def replay(mod: ModuleType, denses: list[metrics.DenseLayers], grids: list[torch
             products += [a - b for a, b in zip(c.products, before)]
             steps.append(c.steps - steps0)
             ths.append(th)
-            hint = th
+            hint = s if hasattr(s, "answers") else th  # this code hints with a search, older code with a tensor
     return products, steps, ths
 
 

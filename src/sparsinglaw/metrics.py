@@ -255,6 +255,8 @@ class ThresholdSearch:
         self._logs: list[dict[int, tuple[float, float]]] = [{} for _ in range(n)]
         # per layer, from the last search given a hint: (tau, this batch's threshold / the hint)
         self._offset: list[tuple[float, float] | None] = [None] * n
+        # tau -> (thresholds, each layer's local exponent k in CETT ~ t^k there): another batch's first guess
+        self.answers: dict[float, tuple[torch.Tensor, list[float | None]]] = {}
 
     def _t(self, layer: int, x: float) -> float:
         start, step = self._line[layer]
@@ -402,21 +404,20 @@ class ThresholdSearch:
         t = self.grid.gather(1, idx.clamp(min=0)[:, None])[:, 0]
         # a = 0 neurons contribute nothing, so threshold 0 keeps every neuron that matters
         out = torch.where(idx < 0, torch.zeros_like(t), t)
-        # each layer's exponent at the answer rides along: it makes these thresholds a better hint
-        out.exponents = [(self._exponent(layer, st[0]) or None) if st[0] >= 0 else None  # type: ignore[attr-defined]
-                         for layer, st in enumerate(state)]
+        self.answers[tau] = (out, [(self._exponent(layer, st[0]) or None) if st[0] >= 0 else None
+                                   for layer, st in enumerate(state)])
         return out
 
 
-def thresholds_all(searches: list[ThresholdSearch], tau: float, hint: torch.Tensor | None = None
+def thresholds_all(searches: list[ThresholdSearch], tau: float, hint: ThresholdSearch | None = None
                    ) -> list[torch.Tensor]:
     """Per-layer thresholds of several batches at tau, their searches run in lockstep: every step
     launches all batches' probes and waits once, so a device is never idle between small products.
-    hint: (L,) thresholds at tau of another batch, a first guess for each layer. The tensors returned
-    carry `exponents` (each layer's local k in CETT ~ t^k at its threshold), which a search given one of
-    them as its hint uses to aim its first probe: a 0.1-5% miss then costs one probe, not two."""
-    hl = [float(x) for x in hint.tolist()] if hint is not None else None
-    hk = getattr(hint, "exponents", None)
+    hint: another batch's search that has answered tau: its thresholds are a first guess for each layer,
+    and its local exponents aim the first probe (a 0.1-5% miss then costs one probe, not two)."""
+    known = hint.answers.get(tau) if hint is not None else None
+    hl = [float(x) for x in known[0].tolist()] if known is not None else None
+    hk = known[1] if known is not None else None
     gens = [s._search(tau, hl, hk) for s in searches]
     results: list[torch.Tensor | None] = [None] * len(gens)
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
