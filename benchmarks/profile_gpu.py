@@ -1,6 +1,7 @@
 """Where the time goes: per-phase timings and top CUDA kernels of the fast search's pieces and of a training step.
 
     python benchmarks/profile_gpu.py measure   # sparse/dense passes, loss, CETT probes (random 0.1B Llama)
+    python benchmarks/profile_gpu.py forward   # a sparse pass's kernel time by kind, 0.1B and 1.2B shapes
     python benchmarks/profile_gpu.py train     # one compiled training step of the 0.1b preset
 
 A diagnostic, not a target check: it prints tables (and writes JSON to --out) that guide optimisation.
@@ -136,6 +137,76 @@ def measure_part(out: dict, model_path: str | None) -> None:
         print(top_kernels(lambda: dl.cett(every, th).tolist()))
 
 
+def _categories(prof) -> dict:
+    """CUDA kernel time (ms) by kind: matmuls, attention, our Triton kernels, everything else."""
+    cats: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", 0.0) / 1e3
+        if t <= 0:
+            continue
+        n = ev.key.lower()
+        kind = ("gemm" if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")) else
+                "attention" if any(s in n for s in ("flash", "fmha", "cudnn", "attention")) else
+                "triton" if "_kernel" in n and "at::" not in n and "void" not in n else "other")
+        cats[kind] = cats.get(kind, 0.0) + t
+    return cats
+
+
+def forward_part(out: dict, configs: list[str]) -> None:
+    """Where a sparse pass's time goes on the paper's shapes (vocab 16,384 as our trained runs)."""
+    for name in configs:
+        out[f"forward_{name}"] = _forward_one(name)
+        torch.cuda.empty_cache()
+
+
+def _forward_one(name: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsinglaw.metrics import DenseLayers
+    from sparsinglaw.sparse import Model, Rule, run_pass
+    from sparsinglaw.train.presets import get_preset
+
+    dev = torch.device("cuda")
+    pr = get_preset(name)
+    cfg = LlamaConfig(vocab_size=16384, hidden_size=pr.d_model, intermediate_size=int(2.5 * pr.d_model),
+                      num_hidden_layers=pr.n_layers, num_attention_heads=pr.d_model // pr.head_dim,
+                      num_key_value_heads=pr.d_model // pr.head_dim, hidden_act="silu",
+                      max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    m = Model(model)
+    ids = torch.randint(0, 16384, (8, 2048), device=dev)
+    dense = run_pass(m, ids, Rule("dense"), capture=True)
+    th = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack).grids()[:, 3000].contiguous()
+    del dense
+    r: dict = {"hf_forward_ms": timed(lambda: model(input_ids=ids).logits)}
+
+    def sparse():
+        return run_pass(m, ids, Rule("cett", thresholds=th), detail=True)
+
+    # the fused RoPE and RMSNorm (sparsinglaw.kernels) off, RoPE alone, both: time, kernels, and outputs
+    passes = {}
+    for label, rope_on, norm_on in (("plain", "0", "0"), ("rope", "1", "0"), ("rope_norm", "1", "1")):
+        os.environ["SPARSINGLAW_FUSED_ROPE"], os.environ["SPARSINGLAW_FUSED_NORM"] = rope_on, norm_on
+        r[f"capture_ms_{label}"] = timed(lambda: run_pass(m, ids, Rule("dense"), capture=True))
+        r[f"cett_detail_ms_{label}"] = timed(sparse)
+        passes[label] = sparse()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sparse()
+            torch.cuda.synchronize()
+        r[f"kernel_ms_by_kind_{label}"] = _categories(prof)
+        if label != "plain":
+            print(f"== {name}: run_pass cett detail, {label} ==")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
+    for label in ("rope", "rope_norm"):
+        a, b = passes["plain"], passes[label]
+        r[f"loss_abs_diff_{label}"] = abs(a.loss - b.loss)
+        r[f"kept_max_abs_diff_{label}"] = float((a.kept - b.kept).abs().max())
+    os.environ.pop("SPARSINGLAW_FUSED_ROPE")
+    os.environ.pop("SPARSINGLAW_FUSED_NORM")
+    print(name, json.dumps(r, indent=1))
+    return r
+
 CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
            (128, 256, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 2),
            (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 4), (64, 128, 32, 4, 4)]
@@ -205,6 +276,8 @@ def main() -> None:
     for p in args.parts:
         if p == "measure":
             measure_part(out, args.model)
+        elif p == "forward":
+            forward_part(out, ["0.1b", "1.2b"])
         elif p.startswith("train"):
             train_part(out, int(p[5:] or 8))
     if args.out:

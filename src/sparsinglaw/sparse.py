@@ -138,8 +138,10 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
     """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass.
 
     CETT on a GPU goes through one fused Triton kernel per layer (`kernels.cett_mask`, off with
-    SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons."""
-    from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
+    SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons.
+    On a GPU the Llama family's RoPE and RMSNorm run through fused kernels too (`kernels.rope`,
+    bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass."""
+    from sparsinglaw.kernels import cett_mask, rmsnorm, rope  # lazy, as every kernel: Triton is optional
 
     ids = ids.to(m.device)
     counted = counted_positions(ids, positions).flatten()
@@ -179,7 +181,7 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
             token_ratio[i] = keep_flat[:seq].sum(-1, dtype=torch.int32).float() / keep.shape[-1]
         return torch.where(keep, h, 0)
 
-    with hooked(m.sites, fn, need_s=rule.need_s):
+    with hooked(m.sites, fn, need_s=rule.need_s), rope.patched(m.model), rmsnorm.patched(m.model):
         logits = m.model(input_ids=ids).logits
     loss = lm_loss(logits, ids)
     if not math.isfinite(loss.item()):

@@ -1,0 +1,93 @@
+"""A fused RMSNorm for the Llama family, the same arithmetic as transformers' in one read and one write.
+
+transformers' LlamaRMSNorm upcasts to fp32, squares, averages, takes rsqrt, scales, casts back and
+multiplies by the weight: six to eight kernels per call, 65 calls per pass of the paper's 1.2B shape,
+about 20 of the 137 ms of kernel time of a sparse pass on 16K tokens (H200, `benchmarks/profile_gpu.py
+forward`). This kernel does each row in registers:
+
+    var = sum(fp32(x)^2) * (1 / d);  y = dtype(fp32(x) * rsqrt(var + eps));  out = dtype(weight * y)
+
+The only difference from torch is the order in which the d squares are summed (torch's reduction tree
+against Triton's), so var can differ in its last fp32 bit and an output element, rarely, by one unit of
+its dtype's last place; tests/test_rmsnorm.py bounds it. `patched(model)` installs it on the norm modules
+of the families in CLASSES for the duration of a block; calls it cannot serve go to the module's own forward.
+On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_NORM=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs have no Triton: transformers' own forward serves
+    triton = None
+
+# norm classes whose forward is exactly the computation above (weight * normed, eps in `variance_epsilon`)
+CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def enabled(x: torch.Tensor) -> bool:
+    if triton is None or os.environ.get("SPARSINGLAW_FUSED_NORM", "1") == "0":
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, D, sx, so, inv_d, eps, BD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BD)
+        inside = cols < D
+        x = tl.load(x_ptr + row * sx + cols, mask=inside, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) * inv_d
+        y = (xf * tl.math.rsqrt(var + eps)).to(dt)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0)
+        tl.store(o_ptr + row * so + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dt), mask=inside)
+
+
+def apply(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of x (..., d) with weight (d,); None when the kernel cannot serve this call."""
+    if not enabled(x) or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or weight.device != x.device:
+        return None
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] > 65536:
+        return None
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if flat.shape[0]:
+        bd = triton.next_power_of_2(d)
+        _rmsnorm_kernel[(flat.shape[0],)](flat, weight.contiguous(), out, d, flat.stride(0), d, 1.0 / d,
+                                          float(eps), BD=bd, num_warps=max(1, min(16, bd // 256)),
+                                          enable_fp_fusion=False)
+    return out
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module) -> Iterator[int]:
+    """Inside this block, `model`'s RMSNorm modules of the CLASSES run through the kernel; yields how many."""
+    if triton is None or os.environ.get("SPARSINGLAW_FUSED_NORM", "1") == "0":
+        yield 0
+        return
+    mods = [mod for mod in model.modules() if type(mod).__name__ in CLASSES and "forward" not in vars(mod)
+            and hasattr(mod, "variance_epsilon")]
+    for mod in mods:
+        def forward(x, mod=mod, own=mod.forward):
+            out = apply(x, mod.weight, mod.variance_epsilon)
+            return own(x) if out is None else out
+        mod.forward = forward
+    try:
+        yield len(mods)
+    finally:
+        for mod in mods:
+            vars(mod).pop("forward", None)

@@ -1,0 +1,89 @@
+"""The fused RMSNorm (kernels.rmsnorm) against the norm modules of every family it patches.
+
+Kernel tests run through Triton's interpreter on CPU in fp32 (its bf16 is unreliable):
+    TRITON_INTERPRET=1 python -m pytest tests/test_rmsnorm.py -q
+On a GPU the same tests also check bf16 and fp16. Without Triton only the patching test runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from sparsinglaw.kernels import rmsnorm
+from sparsinglaw.sparse import Model, Rule, run_pass
+
+on_gpu = torch.cuda.is_available()
+needs_kernel = pytest.mark.skipif(
+    rmsnorm.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+    reason="needs Triton on a GPU, or its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+DEVICE = "cuda" if on_gpu else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3"}
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of want's last place (its dtype's)."""
+    eps = torch.finfo(want.dtype).eps
+    return (got.double() - want.double()).abs() / (want.double().abs() * eps).clamp(min=torch.finfo(want.dtype).tiny)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cls", sorted(rmsnorm.CLASSES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [8, 48, 100])
+def test_kernel_matches_the_module(cls, dtype, d):
+    mod = getattr(importlib.import_module(f"transformers.models.{MODULES[cls]}.modeling_{MODULES[cls]}"), cls)
+    norm = mod(d, eps=1e-5).to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(d)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+        x = (torch.randn(3, 7, d, generator=g) * 3).to(DEVICE, dtype)
+        want = norm(x)
+        got = rmsnorm.apply(x, norm.weight, norm.variance_epsilon)
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+    # only the order of the d squares' sum differs: var's last bit, through two roundings (x * rsqrt, then
+    # times the weight), moves an output by at most two units of eps relative, on a few elements
+    assert float(ulps(got, want).max()) <= 2.0
+    if dtype != torch.float32:  # in fp32 a row whose var moved moves whole; bf16/fp16 rounding absorbs most
+        assert float((got != want).float().mean()) < 0.05
+
+
+@needs_kernel
+def test_unservable_calls_return_none():
+    x = torch.randn(4, 8, device=DEVICE)
+    assert rmsnorm.apply(x, torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-6) is None  # torch would promote
+    assert rmsnorm.apply(x, torch.ones(6, device=DEVICE), 1e-6) is None
+    assert rmsnorm.apply(x[:, ::2], torch.ones(4, device=DEVICE), 1e-6) is not None  # strided rows are copied
+
+
+def test_patched_only_inside_the_block():
+    model = tiny_model("llama")
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    with rmsnorm.patched(model) as n:
+        assert n == (len(norms) if rmsnorm.triton is not None else 0)
+        assert all(("forward" in vars(m)) == (n > 0) for m in norms)
+    assert not any("forward" in vars(m) for m in norms)
+    with rmsnorm.patched(tiny_model("gpt2")) as n:
+        assert n == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_run_pass_close(family, monkeypatch):
+    """A whole pass with the kernel: the same loss to rounding, the same kept counts to a few neurons."""
+    model = tiny_model(family).to(DEVICE)
+    m = Model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    th = torch.full((m.n_layers,), 0.05, device=DEVICE)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPARSINGLAW_FUSED_NORM", flag)
+        runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
+    for a, b in zip(runs["0"], runs["1"]):
+        assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss)
+        assert float((a.kept - b.kept).abs().max()) <= 2
