@@ -46,9 +46,9 @@ def test_kernel_matches_the_module(cls, dtype, d):
         want = norm(x)
         got = rmsnorm.apply(x, norm.weight, norm.variance_epsilon)
     assert got is not None and got.dtype == want.dtype and got.shape == want.shape
-    # only the order of the d squares' sum differs: var's last bit, through two roundings (x * rsqrt, then
-    # times the weight), moves an output by at most two units of eps relative, on a few elements
-    assert float(ulps(got, want).max()) <= 2.0
+    # only the order of the d squares' sum (and rsqrt's last bit) differ: through two roundings (x * rsqrt,
+    # then times the weight) that moves an output by under three units of eps relative, on a few elements
+    assert float(ulps(got, want).max()) <= 3.0
     if dtype != torch.float32:  # in fp32 a row whose var moved moves whole; bf16/fp16 rounding absorbs most
         assert float((got != want).float().mean()) < 0.05
 

@@ -39,7 +39,8 @@ FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
 LOOSE = 3e-4  # accepted up to this (a little over twice the noise of F on 64K tokens) where the trend puts tau
 LOOSE_TOKENS = 65536  # the sample size LOOSE was measured on
 LOOSE_MAX = 5e-4  # LOOSE widened as 1/sqrt(tokens) on smaller samples, up to this
-PRIOR_WEIGHT = 0.004  # weight of the prior slope 1.5 in the trend fit, in units of sum (ln tau - mean)^2
+PRIOR_K = 1.5  # the slope of ln ln F against ln tau assumed before evaluations span enough of tau
+PRIOR_WEIGHT = 0.004  # weight of PRIOR_K in the trend fit, in units of sum (ln tau - mean)^2
 EARLY_STOP_TOKENS = 8192  # batches smaller than this are too noisy to stop an evaluation on
 SPREAD_UNKNOWN = 0.35  # relative spread of one batch's ln F around the whole set's, before any full evaluation
 SPREAD_KNOWN = 0.1  # the same once each batch's ratio to the whole set is known (noise and a little drift)
@@ -145,7 +146,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
 
     ln F rises with tau roughly as a power law, so y = ln ln F is nearly a line in x = ln tau (slope k,
     0.9-4.6 on trained models). Until the target is bracketed, every step aims at the crossing of that
-    line, its slope fitted to all evaluations (pulled towards 1.5 when they span little of x) and placed
+    line, its slope fitted to all evaluations (pulled towards PRIOR_K when they span little of x) and placed
     through those nearest the target; at most x10 per step, x3 while only partial evaluations exist.
     Inside a bracket it follows the chord between the bracket's ends (the line bends, so a global slope
     creeps in from one side), and bisection takes over when a side stalls.
@@ -218,10 +219,10 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         sw = sum(wts)
         xm = sum(w * xx for w, (xx, _, _) in zip(wts, pts)) / sw
         ym = sum(w * yy for w, (_, yy, _) in zip(wts, pts)) / sw
-        # ... with a slope fitted to all of them, pulled towards 1.5 when they span little of x
+        # ... with a slope fitted to all of them, pulled towards PRIOR_K when they span little of x
         sxx = sum((xx - xm) ** 2 for xx, _, _ in pts)
         sxy = sum((xx - xm) * (yy - ym) for xx, yy, _ in pts)
-        k = min(10.0, max(0.5, (sxy + PRIOR_WEIGHT * 1.5) / (sxx + PRIOR_WEIGHT)))
+        k = min(10.0, max(0.5, (sxy + PRIOR_WEIGHT * PRIOR_K) / (sxx + PRIOR_WEIGHT)))
         return xm + (yt - ym) / k
 
     ev = run(tau0)
