@@ -5,6 +5,7 @@
 #   bash benchmarks/run_h200.sh big         # issue 2: 1.2B shape, random weights: timing and peak memory
 #   bash benchmarks/run_h200.sh repeat      # issue 2: the spread: fast vs reference on two checkpoints of a 0.1B
 #                                           #   run, three disjoint 64K-token slices each
+#   bash benchmarks/run_h200.sh curves      # issue 2: every batch's F on 200 taus, two checkpoints x three slices
 #   bash benchmarks/run_h200.sh bigtrained  # issue 2: train the 1.2B preset for minutes, fast vs reference on
 #                                           #   it (64K tokens), then the fast search's memory at 1M tokens
 #   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
@@ -25,7 +26,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= $2 tokens
   python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=${2:-131072})"
 }
-[ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|big|bigtrained|trainspeed|study ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|curves|big|bigtrained|trainspeed|study ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
@@ -64,6 +65,16 @@ repeat)  # issue 2: speed-up and agreement over 6 (model, tokens) pairs: 2 check
     timeout 150 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus_r/val.jsonl --tokens 65536 \
       --slices 3 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 --tag "h200_0.1b_repeat_$(basename $CK)" \
       --out "$OUT" --quiet 2>&1 | tail -11
+  done
+  ;;
+curves)  # issue 2: real F(tau) curves (every batch, 200 taus) of two checkpoints x three slices, for
+  # tuning the solver offline: python benchmarks/solver_sim.py --curves benchmarks/results/ppl_curves_*.json
+  corpus /tmp/corpus_r 230000
+  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 \
+    --grad-accum 2 --data /tmp/corpus_r --ckpt-every 6M --out /tmp/runs/r01 --quiet 2>&1 | tail -2
+  for CK in $(ls -d /tmp/runs/r01/checkpoints/step-* | tail -2); do
+    timeout 200 python3 benchmarks/ppl_curves.py --model "$CK" --data /tmp/corpus_r/val.jsonl --tokens 65536 \
+      --slices 3 --tag "h200_0.1b_$(basename $CK)" --out "$OUT" 2>&1 | tail -4
   done
   ;;
 bigtrained)  # issue 2: the 1.2B preset trained for a few minutes (random weights never reach +1% PPL)
