@@ -9,6 +9,11 @@ noise per batch and tau, activation ratio falling 0.2 per unit of ln tau) and ru
 authors' bisection (tol 1e-6) on the same curve:
 
     python benchmarks/solver_sim.py            # prints a table, writes benchmarks/results/solver_sim.json
+    python benchmarks/solver_sim.py --curves benchmarks/results/ppl_curves_*.json   # real curves (below)
+
+With --curves it replays the solver and the bisection on real curves measured on the H200
+(`benchmarks/ppl_curves.py`: every batch's F and activation ratio on 200 taus 1% apart, interpolated
+between them), and estimates the fast search's time from the costs measured there.
 
 A design tool: no device, seconds on a laptop.
 """
@@ -21,6 +26,7 @@ import math
 import platform
 import random
 import statistics
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,7 +98,77 @@ FAMILIES = {  # curve shapes seen on H200 runs: straight, batches drifting apart
 }
 
 
+# costs of the fast search on the 0.1B model, 64K tokens, H200 (run 14, fused RoPE/RMSNorm): dense passes and
+# grids once, then per batch at one tau a threshold search and a sparse pass; the reference at tol 1e-6
+FIXED_S, PER_BATCH_S, REFERENCE_S = 0.122, 0.031, 13.0
+
+
+def real_curve(taus: list[float], curve: dict):
+    """(full, evaluate, act, state) replaying one measured slice: ln F and activation ratio of every batch,
+    linear in ln tau between grid points."""
+    xs = [math.log(t) for t in taus]
+    lnf = [[math.log(max(f, 1e-12)) for f in row] for row in curve["batch_ppl_ratio"]]
+    acts = curve["batch_activation_ratio"]
+    n = curve["batches"]
+
+    def at(table, tau: float, b: int) -> float:
+        x = min(max(math.log(tau), xs[0]), xs[-1])
+        i = min(max(0, next((j for j, v in enumerate(xs) if v >= x), len(xs) - 1) - 1), len(xs) - 2)
+        w = (x - xs[i]) / (xs[i + 1] - xs[i])
+        return table[i][b] * (1 - w) + table[i + 1][b] * w
+
+    def ratios(tau: float, k: int) -> list[float]:
+        return [math.exp(at(lnf, tau, b)) for b in range(k)]
+
+    def act(tau: float) -> float:
+        return sum(at(acts, tau, b) for b in range(n)) / n
+
+    state = {"batches": 0, "evaluations": 0}
+    batchwise = Batchwise(n, TARGET, curve["batch_tokens"])
+
+    def full(tau: float):
+        return SimpleNamespace(tau=tau, ppl_ratio=sum(ratios(tau, n)) / n)
+
+    def evaluate(tau: float):
+        r = ratios(tau, n)
+        got = batchwise.run(lambda i: (r[i], math.log(r[i])))
+        state["batches"] += len(got)
+        state["evaluations"] += 1
+        ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < n,
+                             activation_ratio=act(tau), tokens=n * curve["batch_tokens"])
+        batchwise.learn(ev)
+        return ev
+
+    return full, evaluate, act, state
+
+
+def replay(files: list[str]) -> None:
+    print(f"{'curve':<34}{'evals':>6}{'full':>6}{'est s':>7}{'x ref':>7}{'tau':>9}{'ref tau':>9}{'dA':>8}{'F':>9}")
+    rows = []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        for c in d["curves"]:
+            full, evaluate, act, state = real_curve(d["taus"], c)
+            ref_tau, _ = bisection(full, 1e-6)
+            ev, msg = solve_tau(evaluate, TARGET)
+            n_full = state["batches"] / c["batches"]
+            est = FIXED_S + PER_BATCH_S * state["batches"]
+            rows.append({"curve": f"{Path(f).stem}/{c['slice']}", "evaluations": state["evaluations"],
+                         "full_evals": n_full, "est_s": est, "speedup": REFERENCE_S / est, "tau": ev.tau,
+                         "ref_tau": ref_tau, "dA": act(ev.tau) - act(ref_tau), "ppl_ratio": ev.ppl_ratio,
+                         "message": msg})
+            r = rows[-1]
+            print(f"{r['curve'][-34:]:<34}{r['evaluations']:>6}{n_full:>6.2f}{est:>7.2f}{r['speedup']:>7.1f}{ev.tau:>9.5f}"
+                  f"{ref_tau:>9.5f}{r['dA']:>+8.4f}{ev.ppl_ratio:>9.5f}")
+    print(f"mean full evaluations {statistics.mean(r['full_evals'] for r in rows):.2f}, "
+          f"speed-up >= 20x in {sum(r['speedup'] >= 20 for r in rows)}/{len(rows)}, "
+          f"|dA| <= 0.002 in {sum(abs(r['dA']) <= 0.002 for r in rows)}/{len(rows)}")
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--curves":
+        replay(sys.argv[2:])
+        return
     rows = []
     for family, shape in FAMILIES.items():
         for noise in (0.0, 1.2e-4):
