@@ -21,6 +21,7 @@ A design tool: no device, seconds on a laptop.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import platform
@@ -103,13 +104,14 @@ FAMILIES = {  # curve shapes seen on H200 runs: straight, batches drifting apart
 FIXED_S, PER_BATCH_S, REFERENCE_S = 0.122, 0.031, 13.0
 
 
-def real_curve(taus: list[float], curve: dict):
-    """(full, evaluate, act, state) replaying one measured slice: ln F and activation ratio of every batch,
-    linear in ln tau between grid points."""
+def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = None, early_stop: bool = False):
+    """(full, evaluate, act, state) replaying one measured slice: ln F and activation ratio of every batch
+    (taken in `order`), linear in ln tau between grid points."""
     xs = [math.log(t) for t in taus]
-    lnf = [[math.log(max(f, 1e-12)) for f in row] for row in curve["batch_ppl_ratio"]]
-    acts = curve["batch_activation_ratio"]
     n = curve["batches"]
+    order = order or tuple(range(n))
+    lnf = [[math.log(max(row[b], 1e-12)) for b in order] for row in curve["batch_ppl_ratio"]]
+    acts = [[row[b] for b in order] for row in curve["batch_activation_ratio"]]
 
     def at(table, tau: float, b: int) -> float:
         x = min(max(math.log(tau), xs[0]), xs[-1])
@@ -124,7 +126,7 @@ def real_curve(taus: list[float], curve: dict):
         return sum(at(acts, tau, b) for b in range(n)) / n
 
     state = {"batches": 0, "evaluations": 0}
-    batchwise = Batchwise(n, TARGET, curve["batch_tokens"])
+    batchwise = Batchwise(n, TARGET, curve["batch_tokens"], early_stop)
 
     def full(tau: float):
         return SimpleNamespace(tau=tau, ppl_ratio=sum(ratios(tau, n)) / n)
@@ -143,26 +145,41 @@ def real_curve(taus: list[float], curve: dict):
 
 
 def replay(files: list[str]) -> None:
-    print(f"{'curve':<34}{'evals':>6}{'full':>6}{'est s':>7}{'x ref':>7}{'tau':>9}{'ref tau':>9}{'dA':>8}{'F':>9}")
+    """The solver on every measured slice, in every batch order (which batch comes first matters when an
+    evaluation may stop early), with and without early stopping."""
     rows = []
-    for f in files:
-        d = json.loads(Path(f).read_text())
-        for c in d["curves"]:
-            full, evaluate, act, state = real_curve(d["taus"], c)
-            ref_tau, _ = bisection(full, 1e-6)
-            ev, msg = solve_tau(evaluate, TARGET)
-            n_full = state["batches"] / c["batches"]
-            est = FIXED_S + PER_BATCH_S * state["batches"]
-            rows.append({"curve": f"{Path(f).stem}/{c['slice']}", "evaluations": state["evaluations"],
-                         "full_evals": n_full, "est_s": est, "speedup": REFERENCE_S / est, "tau": ev.tau,
-                         "ref_tau": ref_tau, "dA": act(ev.tau) - act(ref_tau), "ppl_ratio": ev.ppl_ratio,
-                         "message": msg})
-            r = rows[-1]
-            print(f"{r['curve'][-34:]:<34}{r['evaluations']:>6}{n_full:>6.2f}{est:>7.2f}{r['speedup']:>7.1f}{ev.tau:>9.5f}"
-                  f"{ref_tau:>9.5f}{r['dA']:>+8.4f}{ev.ppl_ratio:>9.5f}")
-    print(f"mean full evaluations {statistics.mean(r['full_evals'] for r in rows):.2f}, "
-          f"speed-up >= 20x in {sum(r['speedup'] >= 20 for r in rows)}/{len(rows)}, "
-          f"|dA| <= 0.002 in {sum(abs(r['dA']) <= 0.002 for r in rows)}/{len(rows)}")
+    for early in (False, True):
+        cases = []
+        for f in files:
+            d = json.loads(Path(f).read_text())
+            for c in d["curves"]:
+                for order in itertools.permutations(range(c["batches"])):
+                    full, evaluate, act, state = real_curve(d["taus"], c, order, early)
+                    ref_tau, _ = bisection(full, 1e-6)
+                    ev, msg = solve_tau(evaluate, TARGET)
+                    est = FIXED_S + PER_BATCH_S * state["batches"]
+                    cases.append((state["batches"] / c["batches"], REFERENCE_S / est, act(ev.tau) - act(ref_tau),
+                                  abs(ev.ppl_ratio / TARGET - 1), bool(msg)))
+        n = sorted(x[0] for x in cases)
+        rows.append({"early_stop": early, "cases": len(cases), "full_evals_mean": statistics.mean(n),
+                     "full_evals_p90": n[int(0.9 * len(n))], "full_evals_max": n[-1],
+                     "est_speedup_min": min(x[1] for x in cases),
+                     "est_speedup_ge_20": sum(x[1] >= 20 for x in cases) / len(cases),
+                     "dA_within_0.002": sum(abs(x[2]) <= 0.002 for x in cases) / len(cases),
+                     "dA_max": max(abs(x[2]) for x in cases), "F_err_max": max(x[3] for x in cases),
+                     "failed": sum(x[4] for x in cases)})
+    print(f"{'early stop':>10} {'cases':>5} {'evals':>6} {'p90':>5} {'max':>5} {'est x min':>9} {'>=20x':>6} "
+          f"{'<=.002':>7} {'dA max':>7} {'F err max':>9}")
+    for r in rows:
+        print(f"{r['early_stop']!s:>10} {r['cases']:>5} {r['full_evals_mean']:>6.2f} {r['full_evals_p90']:>5.2f} "
+              f"{r['full_evals_max']:>5.2f} {r['est_speedup_min']:>9.1f} {r['est_speedup_ge_20']:>6.2f} "
+              f"{r['dA_within_0.002']:>7.2f} {r['dA_max']:>7.4f} {r['F_err_max']:>9.2e}")
+    out = Path(__file__).resolve().parent / "results" / "solver_replay.json"
+    out.write_text(json.dumps({"benchmark": "solver_replay", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+                               "curves": [Path(f).name for f in files], "costs_s": {"fixed": FIXED_S,
+                               "per_batch": PER_BATCH_S, "reference": REFERENCE_S},
+                               "versions": {"python": platform.python_version()}, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:

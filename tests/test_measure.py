@@ -304,7 +304,7 @@ def test_solver_with_batchwise_evaluations_stops_clearly_off_taus_early_and_answ
 
     scale = [0.7, 1.0, 1.1, 1.2]  # batch 0 alone underestimates ln F by about a third
     for c in (0.4, 40.0):  # tau0 = 0.1 near the answer, and far above it
-        batchwise, runs = Batchwise(4, 1.01), []
+        batchwise, runs = Batchwise(4, 1.01, early_stop=True), []
 
         def evaluate(tau, c=c, batchwise=batchwise, runs=runs):
             got = batchwise.run(lambda i: (math.exp(c * scale[i] * tau ** 2.2), c * scale[i] * tau ** 2.2))
@@ -320,6 +320,13 @@ def test_solver_with_batchwise_evaluations_stops_clearly_off_taus_early_and_answ
         assert all(a == 4 or b == 4 for a, b in zip(runs, runs[1:]))
         if c == 40.0:  # F at tau0 is 1.28: one batch says so
             assert runs[0] == 1
+
+
+def test_batchwise_runs_every_batch_by_default():
+    from sparsinglaw.search import Batchwise
+
+    bw = Batchwise(4, 1.01)
+    assert len(bw.run(lambda i: (i, 5.0))) == 4  # ln F = 5: as clearly off as can be, still all four
 
 
 def test_stop_early_needs_a_clear_miss():

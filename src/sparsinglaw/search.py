@@ -6,10 +6,11 @@ Two searches give the same answer:
 - `fast_search` (default): the dense pass and the per-layer CETT statistics do not depend on tau, so they
   are done once per batch; per-layer searches are batched over layers and memoised across taus; tau is
   found by aiming at the crossing of a line fitted to (ln tau, ln ln F), in a handful of evaluations.
-  An evaluation runs the batches in order and stops after the first ones when they already put F clearly
-  off target (it then only steers). F of a finite sample is a noisy step function of tau (about 1e-4 on
-  64K tokens), so an answer is accepted within 1e-4 of the target PPL ratio, or within 3e-4 where the
-  trend of earlier evaluations put it (widened as 1/sqrt(tokens) on smaller samples, to at most 5e-4).
+  An evaluation runs every batch (with `early_stop`, it stops after the first ones when they already put
+  F clearly off target, and then only steers: off by default, see `Batchwise`). F of a finite sample is a
+  noisy step function of tau (about 1e-4 on 64K tokens, up to 3e-4 on some), so an answer is accepted
+  within 1e-4 of the target PPL ratio, or within 3e-4 where the trend of earlier evaluations put it
+  (widened as 1/sqrt(tokens) on smaller samples, to at most 5e-4).
   Memory is bounded by `calib_tokens` (dense intermediates held at once), never by the number of
   evaluation tokens: batches beyond it are streamed at the found tau (dense pass, search and sparse
   pass, then freed).
@@ -290,15 +291,21 @@ def stop_early(ln_fs: list[float], scales: list[float] | None, target: float) ->
 
 
 class Batchwise:
-    """Runs one tau's batches in order and stops early once those run put F clearly off target (a
-    partial evaluation costs a fraction of a full one and only steers the solver). It learns each
+    """Runs one tau's batches in order; with `early_stop`, stops once those run put F clearly off target
+    (a partial evaluation costs a fraction of a full one and only steers the solver). It learns each
     batch's ln F relative to the whole set's from full evaluations, and never stops two evaluations in
-    a row, so a batch whose ratio was misjudged cannot steer the search for long."""
+    a row, so a batch whose ratio was misjudged cannot steer the search for long.
 
-    def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS):
+    Early stopping is off by default. Each batch's share of the PPL rise drifts with tau and is rough
+    (one batch's ln F was 2.5 times the set's at one tau on a 1.2B model), so partial evaluations near
+    the target misjudge it and cost more evaluations than they save: replayed on real curves (`python
+    benchmarks/solver_sim.py --curves ...`, 6 slices x 24 batch orders) the solver needed 3.0-3.2 full
+    evaluations on average (at most 4) without it, 3.6-3.7 (up to 6.75) with it."""
+
+    def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS, early_stop: bool = False):
         # a batch speaks for the whole set (its ln F for stopping early, its thresholds as the next batch's
         # first guess) only when it is large: below EARLY_STOP_TOKENS its noise swamps the spread
-        self.n, self.target = n, target
+        self.n, self.target, self.early_stop = n, target, early_stop
         self.representative = n > 1 and batch_tokens >= EARLY_STOP_TOKENS
         self.scales: list[float] | None = None
         self.last_partial = False
@@ -310,7 +317,7 @@ class Batchwise:
             res, lf = run_batch(i)
             out.append(res)
             ln_fs.append(lf)
-            stop = i + 1 < self.n and self.representative and not self.last_partial
+            stop = self.early_stop and i + 1 < self.n and self.representative and not self.last_partial
             if stop and stop_early(ln_fs, self.scales, self.target):
                 break
         self.last_partial = len(out) < self.n
@@ -390,7 +397,7 @@ def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> 
 
 def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
                 calib_tokens: int | None = None, ftol: float = FTOL, tau0: float = 0.1,
-                progress: bool = True, max_evals: int = 40) -> SearchResult:
+                progress: bool = True, max_evals: int = 40, early_stop: bool = False) -> SearchResult:
     target = check_p(p)
     t0 = time.perf_counter()
     counter = PassCounter(len(batches))
@@ -400,10 +407,11 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     states = [BatchState(m, ids, positions, counter) for ids in calib]
     history: list[dict] = []
 
-    batchwise = Batchwise(len(states), target, min(st.ids.numel() for st in states))
+    batchwise = Batchwise(len(states), target, min(st.ids.numel() for st in states), early_stop)
 
     def evaluate(tau: float) -> Evaluation:
-        """All held batches at tau, one after the other, unless the first ones put F clearly off target."""
+        """All held batches at tau, one after the other (with early_stop: unless the first ones put F clearly
+        off target)."""
         # the previous batch's thresholds at this tau: the next one's first guess, where batches are large
         # enough to agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on
         # 1K-token batches of SmolLM2-135M they added 7%)
