@@ -132,6 +132,16 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 2) -> torch.Te
     return total / (ids.shape[0] * (ids.shape[1] - 1))
 
 
+@contextlib.contextmanager
+def fused_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Inside this block the Llama family's RoPE and RMSNorm run through fused kernels on a GPU
+    (`kernels.rope`, `kernels.rmsnorm`; a third of a pass); elsewhere, and for other families, a no-op."""
+    from sparsinglaw.kernels import rmsnorm, rope  # lazy, as every kernel: Triton is optional
+
+    with rope.patched(model), rmsnorm.patched(model):
+        yield
+
+
 @torch.no_grad()
 def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
              detail: bool = False) -> PassResult:
@@ -141,7 +151,7 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
     SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons.
     On a GPU the Llama family's RoPE and RMSNorm run through fused kernels too (`kernels.rope`,
     bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass."""
-    from sparsinglaw.kernels import cett_mask, rmsnorm, rope  # lazy, as every kernel: Triton is optional
+    from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
 
     ids = ids.to(m.device)
     counted = counted_positions(ids, positions).flatten()
@@ -181,7 +191,7 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
             token_ratio[i] = keep_flat[:seq].sum(-1, dtype=torch.int32).float() / keep.shape[-1]
         return torch.where(keep, h, 0)
 
-    with hooked(m.sites, fn, need_s=rule.need_s), rope.patched(m.model), rmsnorm.patched(m.model):
+    with hooked(m.sites, fn, need_s=rule.need_s), fused_forward(m.model):
         logits = m.model(input_ids=ids).logits
     loss = lm_loss(logits, ids)
     if not math.isfinite(loss.item()):
@@ -236,5 +246,5 @@ def sparsify(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Ite
         raise UserError(f"thresholds have {len(th.thresholds)} layers but the model has {m.n_layers}")
     rule = th.rule(m.device)
 
-    with hooked(m.sites, lambda i, h, s: rule.mask(i, h, s, m.norms[i]), need_s=rule.need_s):
+    with hooked(m.sites, lambda i, h, s: rule.mask(i, h, s, m.norms[i]), need_s=rule.need_s), fused_forward(model):
         yield m
