@@ -144,12 +144,38 @@ def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = N
     return full, evaluate, act, state
 
 
+def summary(cases: list[tuple[float, float, float, bool]]) -> dict:
+    """Statistics of (full evaluations, activation ratio - the bisection's, |F / target - 1|, failed) cases."""
+    n = sorted(c[0] for c in cases)
+    da = [abs(c[1]) for c in cases]
+    return {"cases": len(cases), "full_evals_mean": statistics.mean(n), "full_evals_p90": n[int(0.9 * len(n))],
+            "full_evals_max": n[-1], "dA_median": statistics.median(da), "dA_max": max(da),
+            "dA_within_0.002": sum(d <= 0.002 for d in da) / len(da), "F_err_max": max(c[2] for c in cases),
+            "failed": sum(c[3] for c in cases)}
+
+
+def table(rows: list[dict], first: str, fmt: str) -> None:
+    print(f"{first:>10} {'cases':>5} {'evals':>6} {'p90':>5} {'max':>5} {'dA med':>8} {'dA max':>7} {'<=.002':>7} "
+          f"{'F err max':>9} {'fail':>4}")
+    for r in rows:
+        print(f"{fmt.format(**r):>10} {r['cases']:>5} {r['full_evals_mean']:>6.2f} {r['full_evals_p90']:>5.2f} "
+              f"{r['full_evals_max']:>5.2f} {r['dA_median']:>8.5f} {r['dA_max']:>7.4f} {r['dA_within_0.002']:>7.2f} "
+              f"{r['F_err_max']:>9.2e} {r['failed']:>4}")
+
+
+def save(name: str, rows: list[dict], **extra) -> None:
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.write_text(json.dumps({"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(), **extra,
+                               "versions": {"python": platform.python_version()}, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def replay(files: list[str]) -> None:
     """The solver on every measured slice, in every batch order (which batch comes first matters when an
     evaluation may stop early), with and without early stopping."""
     rows = []
     for early in (False, True):
-        cases = []
+        cases, speedups = [], []
         for f in files:
             d = json.loads(Path(f).read_text())
             for c in d["curves"]:
@@ -157,29 +183,17 @@ def replay(files: list[str]) -> None:
                     full, evaluate, act, state = real_curve(d["taus"], c, order, early)
                     ref_tau, _ = bisection(full, 1e-6)
                     ev, msg = solve_tau(evaluate, TARGET)
-                    est = FIXED_S + PER_BATCH_S * state["batches"]
-                    cases.append((state["batches"] / c["batches"], REFERENCE_S / est, act(ev.tau) - act(ref_tau),
+                    cases.append((state["batches"] / c["batches"], act(ev.tau) - act(ref_tau),
                                   abs(ev.ppl_ratio / TARGET - 1), bool(msg)))
-        n = sorted(x[0] for x in cases)
-        rows.append({"early_stop": early, "cases": len(cases), "full_evals_mean": statistics.mean(n),
-                     "full_evals_p90": n[int(0.9 * len(n))], "full_evals_max": n[-1],
-                     "est_speedup_min": min(x[1] for x in cases),
-                     "est_speedup_ge_20": sum(x[1] >= 20 for x in cases) / len(cases),
-                     "dA_within_0.002": sum(abs(x[2]) <= 0.002 for x in cases) / len(cases),
-                     "dA_max": max(abs(x[2]) for x in cases), "F_err_max": max(x[3] for x in cases),
-                     "failed": sum(x[4] for x in cases)})
-    print(f"{'early stop':>10} {'cases':>5} {'evals':>6} {'p90':>5} {'max':>5} {'est x min':>9} {'>=20x':>6} "
-          f"{'<=.002':>7} {'dA max':>7} {'F err max':>9}")
+                    speedups.append(REFERENCE_S / (FIXED_S + PER_BATCH_S * state["batches"]))
+        rows.append({"early_stop": early, **summary(cases), "est_speedup_min": min(speedups),
+                     "est_speedup_ge_20": sum(x >= 20 for x in speedups) / len(speedups)})
+    table(rows, "early stop", "{early_stop!s}")
     for r in rows:
-        print(f"{r['early_stop']!s:>10} {r['cases']:>5} {r['full_evals_mean']:>6.2f} {r['full_evals_p90']:>5.2f} "
-              f"{r['full_evals_max']:>5.2f} {r['est_speedup_min']:>9.1f} {r['est_speedup_ge_20']:>6.2f} "
-              f"{r['dA_within_0.002']:>7.2f} {r['dA_max']:>7.4f} {r['F_err_max']:>9.2e}")
-    out = Path(__file__).resolve().parent / "results" / "solver_replay.json"
-    out.write_text(json.dumps({"benchmark": "solver_replay", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                               "curves": [Path(f).name for f in files], "costs_s": {"fixed": FIXED_S,
-                               "per_batch": PER_BATCH_S, "reference": REFERENCE_S},
-                               "versions": {"python": platform.python_version()}, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+        print(f"early stop {r['early_stop']!s}: estimated speed-up against tol 1e-6 at least "
+              f"{r['est_speedup_min']:.1f}x, >= 20x in {100 * r['est_speedup_ge_20']:.0f}% of cases")
+    save("solver_replay", rows, curves=[Path(f).name for f in files],
+         costs_s={"fixed": FIXED_S, "per_batch": PER_BATCH_S, "reference": REFERENCE_S})
 
 
 def main() -> None:
@@ -189,32 +203,18 @@ def main() -> None:
     rows = []
     for family, shape in FAMILIES.items():
         for noise in (0.0, 1.2e-4):
-            st = []
+            cases = []
             for tau_star in (0.04, 0.11, 0.18):
                 for k in (1.0, 1.8, 3.0, 4.5):
                     for seed in range(25):
                         full, evaluate, act, state = curve(tau_star, k, noise, seed, **shape)
                         ref_tau, _ = bisection(full, 1e-6)
                         ev, msg = solve_tau(evaluate, TARGET)
-                        st.append((state["batches"] / 4, abs(act(ev.tau) - act(ref_tau)),
-                                   abs(ev.ppl_ratio / TARGET - 1), bool(msg)))
-            n = sorted(s[0] for s in st)
-            da = [s[1] for s in st]
-            rows.append({"family": family, **shape, "noise": noise, "cases": len(st),
-                         "full_evals_mean": statistics.mean(n), "full_evals_p90": n[int(0.9 * len(n))],
-                         "full_evals_max": n[-1],  # in batches / 4
-                         "dA_median": statistics.median(da), "dA_within_0.002": sum(d <= 0.002 for d in da) / len(da),
-                         "F_err_max": max(s[2] for s in st), "failed": sum(s[3] for s in st)})
-    print(f"{'family':>9} {'noise':>7} {'evals':>6} {'p90':>5} {'max':>5} {'dA med':>8} {'<=.002':>7} "
-          f"{'F err max':>9} {'fail':>4}")
-    for r in rows:
-        print(f"{r['family']:>9} {r['noise']:>7.1e} {r['full_evals_mean']:>6.2f} {r['full_evals_p90']:>5.2f} "
-              f"{r['full_evals_max']:>5.2f} {r['dA_median']:>8.5f} {r['dA_within_0.002']:>7.2f} "
-              f"{r['F_err_max']:>9.2e} {r['failed']:>4}")
-    out = Path(__file__).resolve().parent / "results" / "solver_sim.json"
-    out.write_text(json.dumps({"benchmark": "solver_sim", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-                               "versions": {"python": platform.python_version()}, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+                        cases.append((state["batches"] / 4, act(ev.tau) - act(ref_tau),
+                                      abs(ev.ppl_ratio / TARGET - 1), bool(msg)))
+            rows.append({"family": family, **shape, "noise": noise, **summary(cases)})
+    table(rows, "family", "{family} {noise:.0e}")
+    save("solver_sim", rows)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ serves). Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1, set bef
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from sparsinglaw.kernels import serves
 
 try:
     import triton
@@ -39,10 +39,8 @@ MAX_TILES = 64
 
 
 def enabled(h: torch.Tensor) -> bool:
-    """Use the fused mask for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    if triton is None or os.environ.get("SPARSINGLAW_FUSED_MASK", "1") == "0":
-        return False
-    return h.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
+    return triton is not None and serves(h, "SPARSINGLAW_FUSED_MASK")
 
 
 def tiles_per_program(row_tiles: int, col_blocks: int) -> int:

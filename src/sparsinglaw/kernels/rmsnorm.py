@@ -17,10 +17,11 @@ On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_NORM=0 turns 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
+
+from sparsinglaw.kernels import serves, switched_on
 
 try:
     import triton
@@ -33,9 +34,8 @@ CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def enabled(x: torch.Tensor) -> bool:
-    if triton is None or os.environ.get("SPARSINGLAW_FUSED_NORM", "1") == "0":
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
+    return triton is not None and serves(x, "SPARSINGLAW_FUSED_NORM")
 
 
 if triton is not None:
@@ -76,7 +76,7 @@ def apply(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | N
 @contextlib.contextmanager
 def patched(model: torch.nn.Module) -> Iterator[int]:
     """Inside this block, `model`'s RMSNorm modules of the CLASSES run through the kernel; yields how many."""
-    if triton is None or os.environ.get("SPARSINGLAW_FUSED_NORM", "1") == "0":
+    if triton is None or not switched_on("SPARSINGLAW_FUSED_NORM"):
         yield 0
         return
     mods = [mod for mod in model.modules() if type(mod).__name__ in CLASSES and "forward" not in vars(mod)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from collections.abc import Callable, Iterator
 
 import torch
+
+from sparsinglaw.kernels import serves, switched_on
 
 try:
     import triton
@@ -36,9 +37,7 @@ FAMILIES = {t: f"transformers.models.{t}.modeling_{t}" for t in ("llama", "mistr
 
 def enabled(x: torch.Tensor) -> bool:
     """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    if triton is None or os.environ.get("SPARSINGLAW_FUSED_ROPE", "1") == "0":
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton is not None and serves(x, "SPARSINGLAW_FUSED_ROPE")
 
 
 if triton is not None:
@@ -141,7 +140,7 @@ def patched(model: torch.nn.Module) -> Iterator[bool]:
     so it is undone on exit, and nested blocks leave it as they found it.
     """
     mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if triton is None or mtype not in FAMILIES or os.environ.get("SPARSINGLAW_FUSED_ROPE", "1") == "0":
+    if triton is None or mtype not in FAMILIES or not switched_on("SPARSINGLAW_FUSED_ROPE"):
         yield False
         return
     mod = importlib.import_module(FAMILIES[mtype])
