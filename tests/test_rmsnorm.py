@@ -8,21 +8,16 @@ On a GPU the same tests also check bf16 and fp16. Without Triton only the patchi
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
+import tiny
 import torch
-from tiny import tiny_model
+from tiny import passes_switched, tiny_model
 
 from sparsinglaw.kernels import rmsnorm
-from sparsinglaw.sparse import Model, Rule, run_pass
 
-on_gpu = torch.cuda.is_available()
-needs_kernel = pytest.mark.skipif(
-    rmsnorm.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET", "0") == "1"),
-    reason="needs Triton on a GPU, or its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-DEVICE = "cuda" if on_gpu else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+needs_kernel = tiny.needs_kernel(rmsnorm)
+DEVICE, DTYPES = tiny.KERNEL_DEVICE, tiny.KERNEL_DTYPES
 MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3"}
 
 
@@ -76,14 +71,7 @@ def test_patched_only_inside_the_block():
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_run_pass_close(family, monkeypatch):
     """A whole pass with the kernel: the same loss to rounding, the same kept counts to a few neurons."""
-    model = tiny_model(family).to(DEVICE)
-    m = Model(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    th = torch.full((m.n_layers,), 0.05, device=DEVICE)
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("SPARSINGLAW_FUSED_NORM", flag)
-        runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
+    runs = passes_switched(family, "SPARSINGLAW_FUSED_NORM", monkeypatch, DEVICE)
     for a, b in zip(runs["0"], runs["1"]):
         assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss)
         assert float((a.kept - b.kept).abs().max()) <= 2

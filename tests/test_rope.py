@@ -8,21 +8,16 @@ On a GPU the same tests also check bf16 and fp16, bit for bit. Without Triton on
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
+import tiny
 import torch
-from tiny import tiny_model
+from tiny import passes_switched, tiny_model
 
 from sparsinglaw.kernels import rope
-from sparsinglaw.sparse import Model, Rule, run_pass
 
-on_gpu = torch.cuda.is_available()
-needs_kernel = pytest.mark.skipif(
-    rope.triton is None or not (on_gpu or os.environ.get("TRITON_INTERPRET", "0") == "1"),
-    reason="needs Triton on a GPU, or its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-DEVICE = "cuda" if on_gpu else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+needs_kernel = tiny.needs_kernel(rope)
+DEVICE, DTYPES = tiny.KERNEL_DEVICE, tiny.KERNEL_DTYPES
 
 
 def qkcs(b: int, hq: int, hk: int, s: int, d: int, dtype: torch.dtype, cos_batch: int = 1, seed: int = 0):
@@ -87,14 +82,7 @@ def test_patched_only_inside_the_block_and_only_known_families():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_run_pass_unchanged(family, monkeypatch):
     """A whole dense and sparse pass gives the same loss and kept counts with and without the kernel."""
-    model = tiny_model(family).to(DEVICE)
-    m = Model(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    th = torch.full((m.n_layers,), 0.05, device=DEVICE)
-    runs = {}
-    monkeypatch.setenv("SPARSINGLAW_FUSED_NORM", "0")  # not bit-identical (tests/test_rmsnorm.py): off here
-    for flag in ("0", "1"):
-        monkeypatch.setenv("SPARSINGLAW_FUSED_ROPE", flag)
-        runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
+    # the fused RMSNorm is not bit-identical (tests/test_rmsnorm.py): off here
+    runs = passes_switched(family, "SPARSINGLAW_FUSED_ROPE", monkeypatch, DEVICE, off=("SPARSINGLAW_FUSED_NORM",))
     for a, b in zip(runs["0"], runs["1"]):
         assert a.loss == b.loss and torch.equal(a.kept, b.kept)

@@ -89,6 +89,40 @@ def tiny_model(family: str, act: str | None = None, seed: int = 0) -> torch.nn.M
     return model.eval()
 
 
+# Triton kernel tests: on a GPU in every dtype; on CPU through Triton's interpreter in fp32 (its bf16 is unreliable)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if torch.cuda.is_available() else [torch.float32]
+
+
+def needs_kernel(module):
+    """A pytest mark: skip unless `module`'s Triton kernel can run here (a GPU, or the interpreter on)."""
+    import os
+
+    import pytest
+
+    return pytest.mark.skipif(
+        module.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+        reason="needs Triton on a GPU, or its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def passes_switched(family: str, switch: str, monkeypatch, device: str = "cpu", off: tuple[str, ...] = ()):
+    """A dense and a CETT pass of a tiny `family` model with the kernel behind `switch` off, then on (the
+    switches in `off` off throughout): {"0": [dense, sparse], "1": [dense, sparse]}."""
+    from sparsinglaw.sparse import Model, Rule, run_pass
+
+    model = tiny_model(family).to(device)
+    m = Model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    th = torch.full((m.n_layers,), 0.05, device=device)
+    for other in off:
+        monkeypatch.setenv(other, "0")
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(switch, flag)
+        runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
+    return runs
+
+
 def _training_text() -> str:
     from pydoc_data.topics import topics
 
