@@ -54,6 +54,10 @@ def test_unservable_calls_return_none():
     assert rmsnorm.apply(x, torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-6) is None  # torch would promote
     assert rmsnorm.apply(x, torch.ones(6, device=DEVICE), 1e-6) is None
     assert rmsnorm.apply(x[:, ::2], torch.ones(4, device=DEVICE), 1e-6) is not None  # strided rows are copied
+    w = torch.nn.Parameter(torch.ones(8, device=DEVICE))  # autograd wants a gradient: the module's own path
+    assert rmsnorm.apply(x, w, 1e-6) is None
+    with torch.no_grad():
+        assert rmsnorm.apply(x, w, 1e-6) is not None
 
 
 def test_patched_only_inside_the_block():

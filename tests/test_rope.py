@@ -55,6 +55,7 @@ def test_unservable_calls_fall_back():
     assert rope.apply(q, k, cos.double(), sin.double()) is None  # mixed dtypes: torch would promote
     assert rope.apply(q[..., :6], k[..., :6], cos[..., :6], sin[..., :6]) is not None
     assert rope.apply(q, k, cos[..., :6], sin[..., :6]) is None  # head_dim mismatch
+    assert rope.apply(q.detach().requires_grad_(), k, cos, sin) is None  # no backward: autograd's path
     # the patched function hands such calls to the original: (B, S, H, D) tensors, cos/sin unsqueezed at 2
     f = rope.fused(importlib.import_module(rope.FAMILIES["llama"]).apply_rotary_pos_emb)
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)

@@ -21,6 +21,9 @@ def switched_on(switch: str) -> bool:
     return os.environ.get(switch, "1") != "0"
 
 
-def serves(x: torch.Tensor, switch: str) -> bool:
-    """The kernel behind `switch` runs on `x`: switched on, and x on a GPU or Triton's interpreter on."""
+def serves(x: torch.Tensor, switch: str, *others: torch.Tensor) -> bool:
+    """The kernel behind `switch` runs on `x`: switched on, x on a GPU or Triton's interpreter on, and no
+    gradient wanted through x or `others` (the kernels have no backward: autograd takes the torch path)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
+        return False
     return switched_on(switch) and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")

@@ -33,9 +33,10 @@ except ImportError:  # CPU installs have no Triton: transformers' own forward se
 CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    return triton is not None and serves(x, "SPARSINGLAW_FUSED_NORM")
+def enabled(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Use the fused kernel for these tensors: Triton present, not turned off, on a GPU (or interpreted),
+    no gradient wanted."""
+    return triton is not None and serves(x, "SPARSINGLAW_FUSED_NORM", *others)
 
 
 if triton is not None:
@@ -56,7 +57,7 @@ if triton is not None:
 
 def apply(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of x (..., d) with weight (d,); None when the kernel cannot serve this call."""
-    if not enabled(x) or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or weight.device != x.device:
+    if not enabled(x, weight) or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or weight.device != x.device:
         return None
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] > 65536:
         return None

@@ -35,9 +35,10 @@ except ImportError:  # CPU installs have no Triton: transformers' own function s
 FAMILIES = {t: f"transformers.models.{t}.modeling_{t}" for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    return triton is not None and serves(x, "SPARSINGLAW_FUSED_ROPE")
+def enabled(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Use the fused kernel for these tensors: Triton present, not turned off, on a GPU (or interpreted),
+    no gradient wanted."""
+    return triton is not None and serves(x, "SPARSINGLAW_FUSED_ROPE", *others)
 
 
 if triton is not None:
@@ -103,7 +104,7 @@ def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     The outputs keep q's and k's memory layouts (strided views of (B, S, H, D) stay so), as torch's
     elementwise kernels would, so attention sees the strides it saw before.
     """
-    if not (enabled(q) and _servable(q, k, cos, sin, unsqueeze_dim)):
+    if not (enabled(q, k, cos, sin) and _servable(q, k, cos, sin, unsqueeze_dim)):
         return None
     b, hq, s, d = q.shape
     hk = k.shape[1]
