@@ -125,6 +125,7 @@ def measure_part(out: dict, model_path: str | None) -> None:
         a12 = h12[0].abs().float() * n12[0]
         t12 = torch.quantile(a12.flatten()[::97], 0.5).repeat(4)
         r["probe_configs_1.2b_4layers"] = probe_configs(h12, n12, w12, torch.arange(4, device=dev), t12)
+        r["probe_cublas_1.2b_4layers"] = probe_cublas(h12, n12, w12, torch.arange(4, device=dev), t12)
     out["measure"] = r
     for k, v in r.items():
         print(f"{k:<28} {v:9.2f}" if isinstance(v, float) and "diff" not in k else f"{k:<28} {v}")
@@ -210,6 +211,30 @@ def _forward_one(name: str) -> dict:
 CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
            (128, 256, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 2),
            (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 4), (64, 128, 32, 4, 4)]
+
+
+def probe_cublas(h, norms, w, layers, t) -> dict:
+    """The alternative to the fused probe at the 1.2B shape: the weak test and masked copy in torch, one
+    chunk of tokens at a time (nothing of a's size held), then cuBLAS's bmm and fp32 row norms. Time and
+    distance from the fused probe (same (G, m) norms)."""
+    from sparsinglaw.kernels import cett_probe
+
+    def norms_cublas(chunk: int = 4096) -> torch.Tensor:
+        w_t = w[layers].transpose(1, 2)
+        nr, th = norms[layers][:, None, :], t.float()[:, None, None]
+        out = []
+        for lo in range(0, h.shape[1], chunk):
+            hc = h[layers, lo:lo + chunk]
+            weak = torch.where(hc.abs().float() * nr <= th, hc, 0)
+            out.append(torch.linalg.vector_norm(torch.bmm(weak, w_t), dim=-1, dtype=torch.float32))
+        return torch.cat(out, dim=1)
+
+    fused = cett_probe.weak_norms(h, norms, w, layers, t, config=CONFIGS[4])
+    got = norms_cublas()
+    res = {"ms": timed(norms_cublas), "max_rel_diff": float(((got - fused).abs() / fused.abs().clamp(min=1e-12)).max()),
+           "fused_ms": timed(lambda: cett_probe.weak_norms(h, norms, w, layers, t, config=CONFIGS[4]))}
+    print(f"probe cublas (1.2B shape, 4 layers) {res}")
+    return res
 
 
 def probe_configs(h, norms, w, layers, t) -> dict:
