@@ -324,7 +324,10 @@ class Batchwise:
         return out
 
     def learn(self, ev: Evaluation) -> None:
-        """After a full evaluation: each batch's ln F over the whole set's (kept when F is too near 1)."""
+        """After a full evaluation: each batch's ln F over the whole set's (kept when F is too near 1); only
+        early stopping reads them."""
+        if not self.early_stop:
+            return
         whole = math.log(ev.ppl_ratio)
         lfs = [math.log(r) for r in ev.batch_ratios]
         if not ev.partial and whole > 1e-4 and min(lfs) > 0:
