@@ -26,13 +26,21 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 corpus() {  # a corpus from this machine's Python standard library, with a validation split of >= $2 tokens
   python3 -c "from sparsinglaw.data import build_corpus; build_corpus('$1', ['$STDLIB'], vocab_size=16384, min_val_tokens=${2:-131072})"
 }
+train01() {  # train01 CORPUS OUT TOKENS CKPT_EVERY: the 0.1B preset (SiLU) for minutes on CORPUS
+  timeout 300 $SL train --preset 0.1b --act silu --tokens "$3" --seq-len 2048 --batch-size 16 --grad-accum 2 \
+    --data "$1" --ckpt-every "$4" --out "$2" --quiet 2>&1 | tail -3
+}
+r01() {  # the 12M-token run whose 6M and 12M checkpoints `repeat` and `curves` measure (trained once per call)
+  [ -d /tmp/runs/r01/checkpoints ] || { corpus /tmp/corpus_r 230000; train01 /tmp/corpus_r /tmp/runs/r01 \
+    "${TRAIN_TOKENS:-12M}" 6M; } >&2  # stdout is the checkpoint list
+  ls -d /tmp/runs/r01/checkpoints/step-* | tail -2
+}
 [ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|curves|big|bigtrained|trainspeed|study ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
   corpus /tmp/corpus
-  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-24M}" --seq-len 2048 --batch-size 16 \
-    --grad-accum 2 --data /tmp/corpus --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -4
+  train01 /tmp/corpus /tmp/runs/b01 "${TRAIN_TOKENS:-24M}" 100M
   CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
   cp /tmp/runs/b01/log.jsonl "$OUT/train_0.1b_log.jsonl"
   timeout 240 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus/val.jsonl --tokens 65536 \
@@ -44,9 +52,7 @@ measure)
   ;;
 check)  # issue 2 in one call: where the time goes, fast vs reference in bf16, the reference's own spread
   # under a rounding-only change (flash instead of cuDNN attention), and fast vs reference in fp32
-  [ -d /tmp/runs/b01/checkpoints ] || { corpus /tmp/corpus; timeout 300 $SL train --preset 0.1b --act silu \
-    --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 --grad-accum 2 --data /tmp/corpus \
-    --ckpt-every 100M --out /tmp/runs/b01 --quiet 2>&1 | tail -2; }
+  [ -d /tmp/runs/b01/checkpoints ] || { corpus /tmp/corpus; train01 /tmp/corpus /tmp/runs/b01 "${TRAIN_TOKENS:-12M}" 100M; }
   CK=$(ls -d /tmp/runs/b01/checkpoints/step-* | tail -1)
   M="benchmarks/measure_speed.py --model $CK --data /tmp/corpus/val.jsonl --tokens 65536 --seq-len 2048 --batch-size 8"
   [ -n "${SKIP_PROFILE:-}" ] || { timeout 150 python3 benchmarks/profile_gpu.py measure --model "$CK" \
@@ -58,10 +64,7 @@ check)  # issue 2 in one call: where the time goes, fast vs reference in bf16, t
     2>&1 | tail -4
   ;;
 repeat)  # issue 2: speed-up and agreement over 6 (model, tokens) pairs: 2 checkpoints x 3 disjoint slices
-  corpus /tmp/corpus_r 230000
-  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 \
-    --grad-accum 2 --data /tmp/corpus_r --ckpt-every 6M --out /tmp/runs/r01 --quiet 2>&1 | tail -2
-  for CK in $(ls -d /tmp/runs/r01/checkpoints/step-* | tail -2); do
+  for CK in $(r01); do
     timeout 150 python3 benchmarks/measure_speed.py --model "$CK" --data /tmp/corpus_r/val.jsonl --tokens 65536 \
       --slices 3 --seq-len 2048 --batch-size 8 --runs fast,ref1e-6,ref1e-3 --tag "h200_0.1b_repeat_$(basename $CK)" \
       --out "$OUT" --quiet 2>&1 | tail -11
@@ -69,10 +72,7 @@ repeat)  # issue 2: speed-up and agreement over 6 (model, tokens) pairs: 2 check
   ;;
 curves)  # issue 2: real F(tau) curves (every batch, 200 taus) of two checkpoints x three slices, for
   # tuning the solver offline: python benchmarks/solver_sim.py --curves benchmarks/results/ppl_curves_*.json
-  corpus /tmp/corpus_r 230000
-  timeout 300 $SL train --preset 0.1b --act silu --tokens "${TRAIN_TOKENS:-12M}" --seq-len 2048 --batch-size 16 \
-    --grad-accum 2 --data /tmp/corpus_r --ckpt-every 6M --out /tmp/runs/r01 --quiet 2>&1 | tail -2
-  for CK in $(ls -d /tmp/runs/r01/checkpoints/step-* | tail -2); do
+  for CK in $(r01); do
     timeout 200 python3 benchmarks/ppl_curves.py --model "$CK" --data /tmp/corpus_r/val.jsonl --tokens 65536 \
       --slices 3 --tag "h200_0.1b_$(basename $CK)" --out "$OUT" 2>&1 | tail -4
   done
