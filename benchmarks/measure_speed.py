@@ -83,7 +83,8 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
     ev = res.evaluation
     return {"run": kind, "tokens": sum(b.numel() for b in batches), "batches": len(batches), "wall_s": wall,
             "forward_passes": res.forward_passes, "full_passes": res.full_passes, "evaluations": len(res.history),
-            "masked_products": res.masked_products, "tau": res.tau, "activation_ratio": ev.activation_ratio,
+            "masked_products": res.masked_products, "updated_products": res.updated_products, "tau": res.tau,
+            "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
             "taus": [h["tau"] for h in res.history], "history": res.history, "breakdown_s": res.breakdown,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
@@ -104,7 +105,7 @@ def replay_fast(m: Model, batches, args):
         history.append(ev.brief())
     return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
                           counter.passes / len(batches), counter.products, time.perf_counter() - t0,
-                          f"replayed taus {taus}", counter.seconds)
+                          f"replayed taus {taus}", counter.seconds, counter.updates)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
     python benchmarks/profile_gpu.py measure   # sparse/dense passes, loss, CETT probes (random 0.1B Llama)
     python benchmarks/profile_gpu.py forward   # a sparse pass's kernel time by kind, 0.1B and 1.2B shapes
     python benchmarks/profile_gpu.py train     # one compiled training step of the 0.1b preset
+    python benchmarks/profile_gpu.py probes    # CETT probes at the 0.1B and 1.2B FFN shapes: the fused
+                                               #   probe (both W layouts, with y kept), cuBLAS, sparse updates
 
 A diagnostic, not a target check: it prints tables (and writes JSON to --out) that guide optimisation.
 """
@@ -237,6 +239,60 @@ def probe_cublas(h, norms, w, layers, t) -> dict:
     return res
 
 
+def probes_part(out: dict) -> None:
+    """One probe per layer at 16K tokens, random h and W, thresholds at the 60% quantile of a: the fused probe
+    with W stored d_f-contiguous (as until session 6) and d_h-contiguous (Model.w_stack now), with the
+    product kept (STORE_Y, for updates), cuBLAS on a masked copy, and sparse updates from the kept product
+    to thresholds whose band holds 1e-4 to 3e-2 of h (kernels.cett_update), each against a dense probe."""
+    out["probes"] = {name: _probes_one(name, *shape) for name, shape in
+                     (("0.1b", (16, 768, 1920)), ("1.2b", (8, 1792, 4480)))}
+
+
+def _probes_one(name: str, n_layers: int, d_h: int, d_f: int) -> dict:
+    from sparsinglaw.kernels import cett_probe, cett_update
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    m = 16384
+    h = (torch.randn(n_layers, m, d_f, device=dev, generator=g)
+         * torch.rand(n_layers, 1, d_f, device=dev, generator=g)).to(torch.bfloat16)
+    w_nk = torch.randn(n_layers, d_h, d_f, device=dev, generator=g).to(torch.bfloat16)
+    w_kn = w_nk.transpose(1, 2).contiguous().transpose(1, 2)
+    norms = w_nk.float().norm(dim=1)
+    layers = torch.arange(n_layers, device=dev)
+    a_sub = torch.stack([(h[i].abs().float() * norms[i]).flatten()[::7] for i in range(n_layers)])
+
+    def quantile(q: float) -> torch.Tensor:  # per layer (torch.quantile takes at most 2^24 elements)
+        return torch.stack([torch.quantile(row[: 1 << 24], q) for row in a_sub])
+
+    t = quantile(0.6)
+    r = {"layers": n_layers, "tokens": m, "d_h": d_h, "d_f": d_f}
+    r["fused_nk_ms"] = timed(lambda: cett_probe.weak_norms(h, norms, w_nk, layers, t))
+    r["fused_kn_ms"] = timed(lambda: cett_probe.weak_norms(h, norms, w_kn, layers, t))
+    y = torch.empty(n_layers, m, d_h, device=dev, dtype=torch.float32)
+    r["fused_kn_store_y_ms"] = timed(lambda: cett_probe.weak_norms(h, norms, w_kn, layers, t, y=y))
+    base = cett_probe.weak_norms(h, norms, w_kn, layers, t)
+    r["layouts_max_rel_diff"] = float(((cett_probe.weak_norms(h, norms, w_nk, layers, t) - base).abs()
+                                       / base.clamp(min=1e-12)).max())
+    r["cublas"] = probe_cublas(h, norms, w_nk, layers, t)
+    for share in (1e-4, 1e-3, 1e-2, 3e-2):
+        t2 = quantile(0.6 + share)
+
+        def move(t_from=t, t_to=t2):
+            cett_probe.weak_norms(h, norms, w_kn, layers, t_from, y=y)  # y at t_from
+            return cett_update.update(y, h, w_kn, layers, t_from, t_to, norms)
+
+        got = move()
+        want = cett_probe.weak_norms(h, norms, w_kn, layers, t2)
+        ms = timed(move) - r["fused_kn_store_y_ms"]
+        r[f"update_{share:g}"] = {"ms": ms, "per_layer_ms": ms / n_layers,
+                                  "max_rel_diff": float(((got - want).abs() / want.clamp(min=1e-12)).max())}
+        print(f"{name} update share {share:g}: {r[f'update_{share:g}']}")
+    r["dense_per_layer_ms"] = r["fused_kn_ms"] / n_layers
+    print(name, {k: v for k, v in r.items() if not isinstance(v, dict)})
+    return r
+
+
 def probe_configs(h, norms, w, layers, t) -> dict:
     """Time the fused probe's tile configurations (BM, BN, BK, warps, stages) on one set of probes."""
     from sparsinglaw.kernels import cett_probe
@@ -301,6 +357,8 @@ def main() -> None:
     for p in args.parts:
         if p == "measure":
             measure_part(out, args.model)
+        elif p == "probes":
+            probes_part(out)
         elif p == "forward":
             forward_part(out, ["0.1b", "1.2b"])
         elif p.startswith("train"):

@@ -105,6 +105,19 @@ def test_fused_probe_matches_the_unfused_cett():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("m,d_f", [(64, 32), (35, 57), (1, 777), (96, 128), (211, 57)])
+def test_grids_are_the_reference_grid_for_any_size(m, d_f):
+    # the 0.99 quantile's rank and weight are fp32 and torch.lerp switches formula at a weight of 0.5, as
+    # in torch.quantile: every candidate must be bit-identical, whatever the count of a values
+    torch.manual_seed(m * d_f)
+    h = torch.randn(2, m, d_f) * torch.rand(2, 1, d_f) * 2
+    w = torch.randn(2, 16, d_f)
+    norms = w.norm(dim=1)
+    grids = metrics.DenseLayers.build(list(h), w, norms).grids()
+    for i in range(2):
+        assert torch.equal(grids[i], metrics.reference_grid(h[i].abs().float() * norms[i]))
+
+
 def test_memoised_batched_search_returns_the_reference_candidates():
     torch.manual_seed(1)
     n_layers, m, d_f, d_h = 4, 1024, 128, 32

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,11 @@ EXTRAP_SIGMA = (0.5, 0.03)  # power law through a point d away: a + b d (the exp
 CLOSE_SIGMA = 0.6  # below this, probe the two candidates around the estimate: they usually close the bracket
 DEFAULT_K = 1.25  # CETT ~ t^k before any exponent is measured (1.0-1.35 on SmolLM2-135M, 1.2-1.3 typical)
 FIT_WINDOW = 0.3  # exponent fitted to the points within this of ln t
+UPDATE_SHARE = 0.01  # a probe whose band (a between it and the kept product) holds less of h is an update
+# ... and only where d_h is this wide: a narrower product is as cheap as an update's pass over h and y (H200,
+# per layer at 16K tokens: d_h 768, 0.10 ms dense vs 0.145 ms update; d_h 1792, 0.52 vs 0.34 ms)
+UPDATE_MIN_DH = 1536
+SAMPLE_SIZE = 65536  # a values per layer sampled to estimate that share (1.5e-5 resolution)
 MODEL_STEPS = 16  # then bisection only: the worst case stays at 2 x 16 steps
 QUANTILE_MAX = 2**24  # torch.quantile's input limit: the authors subsample with a stride to fit it
 
@@ -94,6 +99,11 @@ class DenseLayers:
     where the fused Triton probe is not used, so that an unfused probe is a single compare-and-select
     (the reference's own `a <= t` test); the fused probe computes it in registers. Memory is bounded by
     the batch, never by the whole evaluation set.
+
+    Where the fused probe serves, each layer's last masked product y (L, m, d_h fp32, allocated on first
+    use) is kept, and a probe near it is a sparse update of it (`kernels.cett_update`) rather than a
+    dense product. `sample` (a sorted sample of each layer's a, on the CPU) says how much of h lies
+    between two thresholds: the update's cost.
     """
 
     h: torch.Tensor
@@ -101,6 +111,12 @@ class DenseLayers:
     w: torch.Tensor
     norms: torch.Tensor
     y_norm: torch.Tensor
+    sample: torch.Tensor | None = None
+    dense_probes: int = field(default=0, init=False)  # (layer, threshold) pairs by a dense product ...
+    updated_probes: int = field(default=0, init=False)  # ... and by a sparse update
+    _y: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _y_t: list[float | None] = field(default_factory=list, init=False, repr=False)
+    _no_updates: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def build(cls, hs: list[torch.Tensor], w: torch.Tensor, norms: torch.Tensor) -> DenseLayers:
@@ -110,9 +126,10 @@ class DenseLayers:
         h = torch.stack(hs)
         w = w.to(h.dtype)
         norms = norms.float()
-        a = None if cett_probe.enabled(h) else torch.stack([_neuron_norms(hi, ni) for hi, ni in zip(h, norms)])
+        fused = cett_probe.enabled(h)
+        a = None if fused else torch.stack([_neuron_norms(hi, ni) for hi, ni in zip(h, norms)])
         y_norm = torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(h, w)])
-        return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm)
+        return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm, sample=_a_sample(h, norms) if fused else None)
 
     @property
     def n_layers(self) -> int:
@@ -124,9 +141,7 @@ class DenseLayers:
         `layers` may repeat a layer (several thresholds of one layer in one batched product).
         """
         if self.a is None:  # the fused Triton probe (sparsinglaw.kernels.cett_probe)
-            from sparsinglaw.kernels import cett_probe
-
-            return (cett_probe.weak_norms(self.h, self.norms, self.w, layers, t) / self.y_norm[layers]).mean(1)
+            return self._cett_fused(layers, t)
         m, d_f = self.h.shape[1], self.h.shape[2]
         if budget is None:  # elements of h per chunk: large on a GPU (few launches), cache-sized on a CPU
             budget = 1 << 28 if self.h.is_cuda else 1 << 24
@@ -146,6 +161,66 @@ class DenseLayers:
             total += e.sum(dim=1)
         return total / m
 
+    def _cett_fused(self, layers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The fused probe, each request either a dense product or, near the layer's kept product, a sparse
+        update of it. Requests of one layer are served one per round, nearest to the kept product first
+        (a search's pair of neighbouring candidates: a dense product, then a one-candidate update)."""
+        from sparsinglaw.kernels import cett_probe, cett_update
+
+        if (self._no_updates or self.w.shape[1] < UPDATE_MIN_DH or not cett_update.enabled(self.h)
+                or not self._alloc_y()):
+            self.dense_probes += len(layers)
+            return (cett_probe.weak_norms(self.h, self.norms, self.w, layers, t) / self.y_norm[layers]).mean(1)
+        ls, ts = layers.tolist(), t.float().tolist()
+        todo: dict[int, list[int]] = {}
+        for i, layer in enumerate(ls):
+            todo.setdefault(layer, []).append(i)
+        out = torch.empty(len(ls), device=self.h.device, dtype=torch.float32)
+        dev = self.h.device
+        while todo:
+            dense, near = [], []
+            for layer, idxs in todo.items():
+                kept = self._y_t[layer]
+                i = idxs.pop(min(range(len(idxs)), key=lambda j: abs(ts[idxs[j]] - kept)) if kept is not None else 0)
+                close = kept is not None and self._share(layer, kept, ts[i]) <= UPDATE_SHARE
+                (near if close else dense).append(i)
+            todo = {layer: idxs for layer, idxs in todo.items() if idxs}
+            for reqs, is_near in ((dense, False), (near, True)):
+                if not reqs:
+                    continue
+                lt = torch.tensor([ls[i] for i in reqs], device=dev)
+                tt = torch.tensor([ts[i] for i in reqs], device=dev, dtype=torch.float32)
+                if is_near:
+                    old = torch.tensor([self._y_t[ls[i]] for i in reqs], device=dev, dtype=torch.float32)
+                    nr = cett_update.update(self._y, self.h, self.w, lt, old, tt, self.norms)
+                    self.updated_probes += len(reqs)
+                else:
+                    nr = cett_probe.weak_norms(self.h, self.norms, self.w, lt, tt, y=self._y)
+                    self.dense_probes += len(reqs)
+                out[torch.tensor(reqs, device=dev)] = (nr / self.y_norm[lt]).mean(1)
+                for i in reqs:
+                    self._y_t[ls[i]] = ts[i]
+        return out
+
+    def _alloc_y(self) -> bool:
+        """Room for each layer's last product (about 0.8 x h's memory for a 2.5 x wide FFN); without it
+        (out of memory), every probe is a dense product."""
+        if self._y is None:
+            try:
+                self._y = torch.empty(*self.h.shape[:2], self.w.shape[1], device=self.h.device, dtype=torch.float32)
+            except torch.OutOfMemoryError:
+                self._no_updates = True
+                return False
+            self._y_t = [None] * self.n_layers
+        return True
+
+    def _share(self, layer: int, t1: float, t2: float) -> float:
+        """Estimated share of layer's h with a between t1 and t2 (the elements a sparse update touches)."""
+        lo, hi = min(t1, t2), max(t1, t2)
+        sample = self.sample[layer]
+        ends = torch.searchsorted(sample, torch.tensor([lo, hi]), right=True).tolist()
+        return (ends[1] - ends[0]) / len(sample)
+
     def grids(self) -> torch.Tensor:
         """The authors' candidates for every layer at once: 65,536 points from min(a) to the 0.99 quantile
         of a strided subsample of a. Same values as `reference_grid`, but the quantile comes from two
@@ -163,13 +238,15 @@ class DenseLayers:
                 lows.append(a.amin())
             sub, low = torch.stack(subs), torch.stack(lows)
         n = sub.shape[1]
-        pos = 0.99 * (n - 1)  # torch.quantile's linear interpolation between order statistics k and k + 1
-        k = math.floor(pos)
+        # torch.quantile's interpolation, in its arithmetic: the rank 0.99 (n - 1) and its fraction in fp32,
+        # then torch.lerp between order statistics k and k + 1 (its formula switches at a weight of 0.5)
+        pos = torch.tensor(0.99, dtype=torch.float32) * (n - 1)
+        k = min(n - 1, math.floor(pos.item()))
         top = sub.topk(n - k, dim=1, sorted=False).values  # the top 1%: holds order statistics k and k + 1
         two = top.topk(min(2, n - k), dim=1, largest=False).values  # ascending
         q = two[:, 0]
-        if pos > k and n - k > 1:
-            q = q + (pos - k) * (two[:, 1] - q)
+        if n - k > 1:
+            q = torch.lerp(q, two[:, 1], (pos - k).to(sub.device))
         return _linspaces(low, q)
 
 
@@ -182,6 +259,15 @@ def _linspaces(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 def _neuron_norms(h: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """a = |h_i| * ||W_down[:, i]|| in fp32: the quantity CETT thresholds."""
     return h.abs().float() * norms
+
+
+def _a_sample(h: torch.Tensor, norms: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
+    """(L, size) sorted fp32 a values of random elements of each layer (a fixed seed), on the CPU."""
+    n_layers, m, d_f = h.shape
+    gen = torch.Generator(device=h.device).manual_seed(0)
+    idx = torch.randint(m * d_f, (size,), device=h.device, generator=gen)
+    flat = h.reshape(n_layers, m * d_f)
+    return (flat[:, idx].abs().float() * norms[:, idx % d_f]).sort(dim=1).values.cpu()
 
 
 def _rownorm(x: torch.Tensor) -> torch.Tensor:

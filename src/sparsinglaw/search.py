@@ -85,15 +85,17 @@ class SearchResult:
     history: list[dict]
     forward_passes: int  # batch forward passes, dense and sparse
     full_passes: float  # the same in passes over the whole evaluation set
-    masked_products: int  # per-layer masked (m x d_f)(d_f x d_h) products for CETT
+    masked_products: int  # per-layer CETT probes: masked (m x d_f)(d_f x d_h) products ...
     seconds: float
     message: str = ""
+    updated_products: int = 0  # ... of which sparse updates of a nearby one (kernels.cett_update)
     breakdown: dict = field(default_factory=dict)  # seconds in dense passes, threshold searches, sparse passes
 
     def to_json(self) -> dict:
         return {"method": self.method, "tau": self.tau, "target_ppl_ratio": self.target,
                 "evaluations": len(self.history), "forward_passes": self.forward_passes,
                 "full_passes": self.full_passes, "masked_products": self.masked_products,
+                "updated_products": self.updated_products,
                 "seconds": self.seconds, "breakdown": self.breakdown, "history": self.history,
                 "message": self.message}
 
@@ -104,6 +106,7 @@ class PassCounter:
     def __init__(self, n_batches: int):
         self.passes = 0
         self.products = 0
+        self.updates = 0
         self.n_batches = n_batches
         self.seconds = {"dense": 0.0, "grids": 0.0, "thresholds": 0.0, "sparse": 0.0}
 
@@ -356,9 +359,14 @@ def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: s
                     ) -> list[tuple[float, PassResult, torch.Tensor]]:
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search, all
     batches' searches stepped together)."""
-    before, t0 = sum(st.search.evaluations for st in states), time.perf_counter()
+    def done() -> tuple[int, int]:
+        return (sum(st.search.evaluations for st in states), sum(st.search.dense.updated_probes for st in states))
+
+    before, t0 = done(), time.perf_counter()
     ths = thresholds_all([st.search for st in states], tau, hint)
-    counter.products += sum(st.search.evaluations for st in states) - before
+    after = done()
+    counter.products += after[0] - before[0]
+    counter.updates += after[1] - before[1]
     counter.timed("thresholds", t0)
     parts = []
     for st, th in zip(states, ths):
@@ -452,7 +460,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         ev = full
     seconds = time.perf_counter() - t0
     return SearchResult("fast", ev.tau, target, ev, history, counter.passes, counter.passes / len(batches),
-                        counter.products, seconds, message, counter.seconds)
+                        counter.products, seconds, message, counter.seconds, counter.updates)
 
 
 # --- reference search -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,13 +96,26 @@ class Model:
         self.d_ff = self.sites[0].d_ff
         self.device = next(model.parameters()).device
         self._w: torch.Tensor | None = None
+        self._graphs: dict[tuple, GraphedPass] = {}
+        self.graphs_failed: str | bool = False  # why a capture failed: this model's passes then run eagerly
 
     @property
     def w_stack(self) -> torch.Tensor:
-        """(L, d_h, d_f) down projections, stacked once for batched CETT evaluation."""
+        """(L, d_h, d_f) down projections, stacked once for batched CETT evaluation. Stored with d_h
+        contiguous (a transposed view): a sparse probe update reads one neuron's column of W at a time."""
         if self._w is None:
-            self._w = torch.stack([s.down_weight().detach() for s in self.sites])
+            self._w = torch.stack([s.down_weight().detach().t() for s in self.sites]).transpose(1, 2)
         return self._w
+
+    def graphed(self, ids: torch.Tensor, rule: Rule, positions: str, detail: bool) -> GraphedPass | None:
+        """The CUDA-graphed pass for this batch shape, where graphs serve: CETT rules on a GPU."""
+        if (rule.kind != "cett" or not ids.is_cuda or self.graphs_failed
+                or os.environ.get("SPARSINGLAW_CUDA_GRAPHS", "1") == "0"):
+            return None
+        key = (tuple(ids.shape), positions, detail)
+        if key not in self._graphs:
+            self._graphs[key] = GraphedPass(self, ids, positions, detail)
+        return self._graphs[key]
 
     @property
     def norm_stack(self) -> torch.Tensor:
@@ -150,12 +164,34 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
     CETT on a GPU goes through one fused Triton kernel per layer (`kernels.cett_mask`, off with
     SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons.
     On a GPU the Llama family's RoPE and RMSNorm run through fused kernels too (`kernels.rope`,
-    bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass."""
+    bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass,
+    and CETT passes of a batch shape seen before replay a CUDA graph of the pass (`GraphedPass`)."""
+    ids = ids.to(m.device)
+    graph = None if capture else m.graphed(ids, rule, positions, detail)
+    if graph is not None:
+        loss, kept, neuron_kept, token_ratio = graph(ids, rule.thresholds)
+        captured = None
+    else:
+        loss, kept, neuron_kept, token_ratio, captured = _pass(m, ids, rule, positions, capture, detail)
+    loss = loss.item()
+    if not math.isfinite(loss):
+        raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
+    return PassResult(loss=loss, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
+                      dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
+
+
+def n_counted(ids: torch.Tensor, positions: str) -> int:
+    """How many positions `counted_positions` counts, from the shape alone (no sync)."""
+    return ids.numel() if positions == "all" else ids.shape[0] * (ids.shape[1] - 1)
+
+
+def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool, detail: bool):
+    """The pass itself, without a host sync (so that it can be captured in a CUDA graph): device tensors
+    (loss, kept, neuron_kept, token_ratio) and the captured h of each layer."""
     from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
 
-    ids = ids.to(m.device)
     counted = counted_positions(ids, positions).flatten()
-    n_counted = int(counted.sum())
+    n_kept_dense = n_counted(ids, positions) * m.d_ff
     kept = torch.zeros(m.n_layers, device=m.device, dtype=torch.float64)
     neuron_kept = torch.zeros(m.n_layers, m.d_ff, device=m.device, dtype=torch.float64) if detail else None
     token_ratio = torch.zeros(m.n_layers, ids.shape[1], device=m.device) if detail else None
@@ -176,9 +212,9 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
             return out
         keep = rule.keep(i, h, s, m.norms[i])
         if keep is None:  # dense: every neuron counts as kept
-            kept[i] += n_counted * m.d_ff
+            kept[i] += n_kept_dense
             if detail:
-                neuron_kept[i] += n_counted
+                neuron_kept[i] += n_kept_dense // m.d_ff
                 token_ratio[i] = 1.0
             return None
         keep_flat = keep.reshape(-1, keep.shape[-1])
@@ -192,12 +228,44 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
         return torch.where(keep, h, 0)
 
     with hooked(m.sites, fn, need_s=rule.need_s), fused_forward(m.model):
-        logits = m.model(input_ids=ids).logits
-    loss = lm_loss(logits, ids)
-    if not math.isfinite(loss.item()):
-        raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
-    return PassResult(loss=loss.item(), kept=kept, tokens=n_counted, d_ff=m.d_ff,
-                      dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
+        logits = m.model(input_ids=ids, use_cache=False).logits
+    return lm_loss(logits, ids), kept, neuron_kept, token_ratio, captured
+
+
+class GraphedPass:
+    """CETT passes of one batch shape as a CUDA graph: the thresholds and token ids are copied into static
+    buffers and the recorded kernels replayed, so the host's per-layer Python and launch overhead (a
+    third of a 0.1B pass on an H200) is paid once. The first call runs eagerly (compiling kernels), the
+    second captures; a pass that cannot be captured (a host sync inside a model's forward) runs eagerly
+    from then on. SPARSINGLAW_CUDA_GRAPHS=0 turns graphs off."""
+
+    def __init__(self, m: Model, ids: torch.Tensor, positions: str, detail: bool):
+        self.m, self.positions, self.detail = m, positions, detail
+        self.ids = torch.empty_like(ids)
+        self.th = torch.zeros(m.n_layers, device=m.device, dtype=torch.float32)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple | None = None
+        self.calls = 0
+
+    def __call__(self, ids: torch.Tensor, thresholds: torch.Tensor) -> tuple:
+        self.ids.copy_(ids)
+        self.th.copy_(thresholds)
+        rule = Rule("cett", thresholds=self.th)
+        self.calls += 1
+        if self.graph is None and self.calls >= 2 and not self.m.graphs_failed:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    out = _pass(self.m, self.ids, rule, self.positions, False, self.detail)[:4]
+                self.graph, self.out = graph, out
+            except Exception as e:  # noqa: BLE001 - anything the capture rejects: run eagerly from now on
+                self.m.graphs_failed = f"{type(e).__name__}: {e}"[:300]
+                torch.cuda.synchronize()
+        if self.graph is None:
+            return _pass(self.m, self.ids, rule, self.positions, False, self.detail)[:4]
+        self.graph.replay()
+        # the graph's outputs are overwritten by the next replay: callers keep copies
+        return tuple(x.clone() if x is not None else None for x in self.out)
 
 
 # --- static thresholds: export, load, apply ---------------------------------------------------------

@@ -46,9 +46,10 @@ DEFAULT_CONFIG = (128, 256, 64, 8, 3)  # fastest of 12 on an H200 for d_f 1920 a
 if triton is not None:
 
     @triton.jit
-    def _probe_kernel(h_ptr, norms_ptr, w_ptr, layers_ptr, t_ptr, out_ptr, M, N, K: tl.constexpr,
-                      s_hl, s_hm, s_hk, s_nl, s_nk, s_wl, s_wn, s_wk, s_og, s_on,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    def _probe_kernel(h_ptr, norms_ptr, w_ptr, layers_ptr, t_ptr, out_ptr, y_ptr, M, N, K: tl.constexpr,
+                      s_hl, s_hm, s_hk, s_nl, s_nk, s_wl, s_wn, s_wk, s_og, s_on, s_yl, s_ym,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                      STORE_Y: tl.constexpr):
         # the output tiles of one row block run side by side (axis 0 is fastest), so h stays in L2;
         # K (d_f) is a compile-time constant: one compile per model
         pid_n = tl.program_id(0)
@@ -73,19 +74,22 @@ if triton is not None:
                 acc += tl.dot(h, w, input_precision="ieee")
             else:
                 acc += tl.dot(h, w)
+        if STORE_Y:  # the product itself, for sparse updates to nearby thresholds (kernels.cett_update)
+            tl.store(y_ptr + layer * s_yl + rm[:, None] * s_ym + rn[None, :], acc,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
         sq = tl.sum(acc * acc, axis=1)
         tl.store(out_ptr + g * s_og + pid_n * s_on + rm, sq, mask=rm < M)
 
 
 def weak_norms(h: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, layers: torch.Tensor,
-               t: torch.Tensor, rows: slice | None = None,
-               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+               t: torch.Tensor, config: tuple[int, int, int, int, int] | None = None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
     """(G, m) fp32 norms ||W_down[l] (h[l] masked at t_g)|| per token for the pairs (layers[g], t[g]).
 
-    h: (L, m, d_f); norms: (L, d_f) fp32; w: (L, d_h, d_f) in h's dtype; rows: a token range of h.
+    h: (L, m, d_f); norms: (L, d_f) fp32; w: (L, d_h, d_f) in h's dtype, any strides. y: an (L, m, d_h)
+    fp32 tensor (d_h contiguous) that receives each product W_down[l] (h[l] masked at t_g) in y[l]; then
+    each layer may appear at most once in `layers`.
     """
-    if rows is not None:
-        h = h[:, rows]
     n_layers, m, k = h.shape
     n = w.shape[1]
     if not h.is_cuda:  # Triton's interpreter
@@ -96,8 +100,12 @@ def weak_norms(h: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, layers: to
     n_tiles = triton.cdiv(n, bn)
     out = torch.empty(len(layers), n_tiles, m, device=h.device, dtype=torch.float32)
     grid = (n_tiles, triton.cdiv(m, bm), len(layers))
-    _probe_kernel[grid](h, norms, w, layers.to(torch.int32), t.float(), out, m, n, k,
+    if y is not None and y.stride(2) != 1:
+        raise ValueError("weak_norms: y must be contiguous in d_h")
+    ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
+    _probe_kernel[grid](h, norms, w, layers.to(torch.int32), t.float(), out, out if y is None else y, m, n, k,
                         h.stride(0), h.stride(1), h.stride(2), norms.stride(0), norms.stride(1),
-                        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-                        BM=bm, BN=bn, BK=bk, IEEE=h.dtype == torch.float32, num_warps=warps, num_stages=stages)
+                        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), *ys,
+                        BM=bm, BN=bn, BK=bk, IEEE=h.dtype == torch.float32, STORE_Y=y is not None,
+                        num_warps=warps, num_stages=stages)
     return out.sum(dim=1).sqrt()
