@@ -90,6 +90,19 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
+def spread(rows: list[dict]) -> list[dict]:
+    """Per slice with all three runs: how far the fast answer's activation ratio is from the reference's
+    (tol 1e-6), next to how far the reference moves between tolerances 1e-3 and 1e-6 (where the PPL
+    ratio is flat in tau, the reference's answer itself is only known to about that)."""
+    out = []
+    for sl in sorted({r["slice"] for r in rows}):
+        by = {r["run"]: r["activation_ratio"] for r in rows if r["slice"] == sl}
+        if {"fast", "ref1e-6", "ref1e-3"} <= by.keys():
+            out.append({"slice": sl, "fast_minus_ref": by["fast"] - by["ref1e-6"],
+                        "ref1e-3_minus_ref": by["ref1e-3"] - by["ref1e-6"]})
+    return out
+
+
 def replay_fast(m: Model, batches, args):
     """The fast search's work for a given tau sequence (e.g. the one it took on a trained model of the same
     family): random weights never reach +p% PPL, so the real search would stop early and time too little."""
@@ -105,7 +118,7 @@ def replay_fast(m: Model, batches, args):
         history.append(ev.brief())
     return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
                           counter.passes / len(batches), counter.products, time.perf_counter() - t0,
-                          f"replayed taus {taus}", counter.seconds, counter.updates)
+                          f"replayed taus {taus}", breakdown=counter.seconds, updated_products=counter.updates)
 
 
 def main() -> None:
@@ -172,6 +185,7 @@ def main() -> None:
         fast = next((f for f in rows if f["run"] == "fast" and f["slice"] == r["slice"]), None)
         r["speedup_of_fast"] = r["wall_s"] / fast["wall_s"] if fast else None
         r["activation_ratio_minus_fast"] = r["activation_ratio"] - fast["activation_ratio"] if fast else None
+    agreement = spread(rows)
     hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     import transformers
@@ -181,7 +195,7 @@ def main() -> None:
               "p": args.p, "calib_tokens": args.calib_tokens, "cudnn_sdpa": not args.no_cudnn_sdpa, "hardware": hw,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__},
-              "rows": rows, "memory": memory}
+              "rows": rows, "memory": memory, "agreement": agreement}
     print(f"\n{label} on {device} ({dtype}), p = {args.p}%")
     print(f"{'slice':<6}{'run':<9}{'tokens':>9}{'wall s':>9}{'passes':>8}{'evals':>6}{'tau':>11}{'act.ratio':>10}"
           f"{'- fast':>8}{'PPL ratio':>10}{'peak GiB':>9}{'fast x':>8}")
@@ -192,6 +206,9 @@ def main() -> None:
         print(f"{r.get('slice', '-')!s:<6}{r['run']:<9}{r['tokens']:>9}{r['wall_s']:>9.2f}{r['forward_passes']:>8}"
               f"{r['evaluations']:>6}{r['tau']:>11.6f}{r['activation_ratio']:>10.4f}{da:>8}{r['ppl_ratio']:>10.5f}"
               f"{peak:>9}{sp:>8}")
+    for a in agreement:
+        print(f"slice {a['slice']}: activation ratio fast - ref1e-6 {a['fast_minus_ref']:+.4f}; the reference's own "
+              f"spread, ref1e-3 - ref1e-6, {a['ref1e-3_minus_ref']:+.4f}")
     tag = args.tag or f"{device.type}_{(args.config or Path(label).name).replace('/', '_')}"
     path = Path(__file__).resolve().parent / "results" / f"measure_speed_{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,10 @@
-"""CUDA-graphed CETT passes (sparse.GraphedPass) equal eager ones. Needs a GPU; skipped elsewhere."""
+"""CUDA-graphed CETT passes (sparse.GraphedPass) against eager ones. Needs a GPU; skipped elsewhere.
+
+They are not bit-identical: transformers (5.17) counts CUDA stream capture as tracing and then builds the
+causal mask instead of passing `is_causal=True`, so a graphed pass's SDPA runs another attention kernel.
+On an H200 a tiny Llama's loss moved by up to 3.6e-4 (GPT-2: 0) and 2 of its 4,096 (token, neuron) pairs
+changed side; the bounds below leave about three times that.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("positions", ["all", "labeled"])
-def test_graphed_passes_equal_eager_ones(family, positions, monkeypatch):
+def test_graphed_passes_match_eager_ones(family, positions, monkeypatch):
     model = tiny_model(family).cuda().to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen).cuda() for _ in range(3)]
@@ -25,8 +31,9 @@ def test_graphed_passes_equal_eager_ones(family, positions, monkeypatch):
     assert all(g.graph is not None for g in m._graphs.values())
     monkeypatch.setenv("SPARSINGLAW_CUDA_GRAPHS", "0")
     eager = [run_pass(Model(model), ids, Rule("cett", thresholds=th), positions, detail=True) for ids, th in runs]
-    for i, (g, e) in enumerate(zip(graphed, eager)):  # the same kernels: the same bits, no result aliasing another
-        diffs = (g.loss - e.loss, float((g.kept - e.kept).abs().max()),
-                 float((g.neuron_kept - e.neuron_kept).abs().max()), float((g.token_ratio - e.token_ratio).abs().max()))
-        assert diffs == (0.0, 0.0, 0.0, 0.0), (i, diffs, g.loss, e.loss)
-    assert len({r.loss for r in graphed}) > 1
+    # per run: a result aliasing a later replay's outputs would carry another threshold's kept counts
+    for i, (g, e) in enumerate(zip(graphed, eager)):
+        pairs = g.tokens * g.d_ff
+        diffs = (abs(g.loss - e.loss), float((g.kept - e.kept).abs().max()) / pairs,
+                 float((g.token_ratio - e.token_ratio).abs().max()))
+        assert diffs[0] <= 1e-3 and diffs[1] <= 2e-3 and diffs[2] <= 3 / g.d_ff, (i, diffs)

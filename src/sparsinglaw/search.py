@@ -85,11 +85,11 @@ class SearchResult:
     history: list[dict]
     forward_passes: int  # batch forward passes, dense and sparse
     full_passes: float  # the same in passes over the whole evaluation set
-    masked_products: int  # per-layer CETT probes: masked (m x d_f)(d_f x d_h) products ...
+    masked_products: int  # per-layer CETT probes, each a masked (m x d_f)(d_f x d_h) product
     seconds: float
     message: str = ""
-    updated_products: int = 0  # ... of which sparse updates of a nearby one (kernels.cett_update)
     breakdown: dict = field(default_factory=dict)  # seconds in dense passes, threshold searches, sparse passes
+    updated_products: int = 0  # masked products done as sparse updates of a nearby one (kernels.cett_update)
 
     def to_json(self) -> dict:
         return {"method": self.method, "tau": self.tau, "target_ppl_ratio": self.target,
@@ -460,7 +460,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         ev = full
     seconds = time.perf_counter() - t0
     return SearchResult("fast", ev.tau, target, ev, history, counter.passes, counter.passes / len(batches),
-                        counter.products, seconds, message, counter.seconds, counter.updates)
+                        counter.products, seconds, message, breakdown=counter.seconds,
+                        updated_products=counter.updates)
 
 
 # --- reference search -----------------------------------------------------------------------------------

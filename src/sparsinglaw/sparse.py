@@ -237,7 +237,12 @@ class GraphedPass:
     buffers and the recorded kernels replayed, so the host's per-layer Python and launch overhead (a
     third of a 0.1B pass on an H200) is paid once. The first call runs eagerly (compiling kernels), the
     second captures; a pass that cannot be captured (a host sync inside a model's forward) runs eagerly
-    from then on. SPARSINGLAW_CUDA_GRAPHS=0 turns graphs off."""
+    from then on. SPARSINGLAW_CUDA_GRAPHS=0 turns graphs off.
+
+    Not bit-identical to an eager pass: transformers counts stream capture as tracing and then builds the
+    causal mask instead of passing `is_causal=True`, so SDPA runs another kernel (a tiny Llama's loss
+    moved by up to 3.6e-4 on an H200, tests/test_graphs.py). Both searches graph their sparse passes
+    alike, so they compare like with like; the dense pass they divide by is eager."""
 
     def __init__(self, m: Model, ids: torch.Tensor, positions: str, detail: bool):
         self.m, self.positions, self.detail = m, positions, detail
