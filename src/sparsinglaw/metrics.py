@@ -100,10 +100,11 @@ class DenseLayers:
     (the reference's own `a <= t` test); the fused probe computes it in registers. Memory is bounded by
     the batch, never by the whole evaluation set.
 
-    Where the fused probe serves, each layer's last masked product y (L, m, d_h fp32, allocated on first
-    use) is kept, and a probe near it is a sparse update of it (`kernels.cett_update`) rather than a
-    dense product. `sample` (a sorted sample of each layer's a, on the CPU) says how much of h lies
-    between two thresholds: the update's cost.
+    Where sparse updates serve (the fused probe, d_h >= UPDATE_MIN_DH), each layer's last masked product
+    y (L, m, d_h fp32, allocated on first use) is kept, and a probe near it is a sparse update of it
+    (`kernels.cett_update`) rather than a dense product. `sample` (a sorted sample of each layer's a, on
+    the CPU; None where updates do not serve) says how much of h lies between two thresholds: the
+    update's cost.
     """
 
     h: torch.Tensor
@@ -116,12 +117,11 @@ class DenseLayers:
     updated_probes: int = field(default=0, init=False)  # ... and by a sparse update
     _y: torch.Tensor | None = field(default=None, init=False, repr=False)
     _y_t: list[float | None] = field(default_factory=list, init=False, repr=False)
-    _no_updates: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def build(cls, hs: list[torch.Tensor], w: torch.Tensor, norms: torch.Tensor) -> DenseLayers:
         """hs: each layer's (m, d_f) h; w: (L, d_h, d_f) stacked down projections; norms: (L, d_f)."""
-        from sparsinglaw.kernels import cett_probe
+        from sparsinglaw.kernels import cett_probe, cett_update
 
         h = torch.stack(hs)
         w = w.to(h.dtype)
@@ -129,7 +129,8 @@ class DenseLayers:
         fused = cett_probe.enabled(h)
         a = None if fused else torch.stack([_neuron_norms(hi, ni) for hi, ni in zip(h, norms)])
         y_norm = torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(h, w)])
-        return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm, sample=_a_sample(h, norms) if fused else None)
+        updates = fused and w.shape[1] >= UPDATE_MIN_DH and cett_update.enabled(h)
+        return cls(h=h, a=a, w=w, norms=norms, y_norm=y_norm, sample=_a_sample(h, norms) if updates else None)
 
     @property
     def n_layers(self) -> int:
@@ -167,8 +168,7 @@ class DenseLayers:
         (a search's pair of neighbouring candidates: a dense product, then a one-candidate update)."""
         from sparsinglaw.kernels import cett_probe, cett_update
 
-        if (self._no_updates or self.w.shape[1] < UPDATE_MIN_DH or not cett_update.enabled(self.h)
-                or not self._alloc_y()):
+        if self.sample is None or not self._alloc_y():
             self.dense_probes += len(layers)
             return (cett_probe.weak_norms(self.h, self.norms, self.w, layers, t) / self.y_norm[layers]).mean(1)
         ls, ts = layers.tolist(), t.float().tolist()
@@ -209,7 +209,7 @@ class DenseLayers:
             try:
                 self._y = torch.empty(*self.h.shape[:2], self.w.shape[1], device=self.h.device, dtype=torch.float32)
             except torch.OutOfMemoryError:
-                self._no_updates = True
+                self.sample = None  # updates off for this batch
                 return False
             self._y_t = [None] * self.n_layers
         return True
