@@ -191,7 +191,7 @@ def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool
     from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
 
     counted = counted_positions(ids, positions).flatten()
-    n_kept_dense = n_counted(ids, positions) * m.d_ff
+    n = n_counted(ids, positions)
     kept = torch.zeros(m.n_layers, device=m.device, dtype=torch.float64)
     neuron_kept = torch.zeros(m.n_layers, m.d_ff, device=m.device, dtype=torch.float64) if detail else None
     token_ratio = torch.zeros(m.n_layers, ids.shape[1], device=m.device) if detail else None
@@ -212,9 +212,9 @@ def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool
             return out
         keep = rule.keep(i, h, s, m.norms[i])
         if keep is None:  # dense: every neuron counts as kept
-            kept[i] += n_kept_dense
+            kept[i] += n * m.d_ff
             if detail:
-                neuron_kept[i] += n_kept_dense // m.d_ff
+                neuron_kept[i] += n
                 token_ratio[i] = 1.0
             return None
         keep_flat = keep.reshape(-1, keep.shape[-1])
