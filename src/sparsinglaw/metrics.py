@@ -175,8 +175,8 @@ class DenseLayers:
         todo: dict[int, list[int]] = {}
         for i, layer in enumerate(ls):
             todo.setdefault(layer, []).append(i)
-        out = torch.empty(len(ls), device=self.h.device, dtype=torch.float32)
         dev = self.h.device
+        out = torch.empty(len(ls), device=dev, dtype=torch.float32)
         while todo:
             dense, near = [], []
             for layer, idxs in todo.items():

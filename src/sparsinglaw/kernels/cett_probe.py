@@ -90,6 +90,8 @@ def weak_norms(h: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, layers: to
     fp32 tensor (d_h contiguous) that receives each product W_down[l] (h[l] masked at t_g) in y[l]; then
     each layer may appear at most once in `layers`.
     """
+    if y is not None and y.stride(2) != 1:
+        raise ValueError("weak_norms: y must be contiguous in d_h")
     n_layers, m, k = h.shape
     n = w.shape[1]
     if not h.is_cuda:  # Triton's interpreter
@@ -100,8 +102,6 @@ def weak_norms(h: torch.Tensor, norms: torch.Tensor, w: torch.Tensor, layers: to
     n_tiles = triton.cdiv(n, bn)
     out = torch.empty(len(layers), n_tiles, m, device=h.device, dtype=torch.float32)
     grid = (n_tiles, triton.cdiv(m, bm), len(layers))
-    if y is not None and y.stride(2) != 1:
-        raise ValueError("weak_norms: y must be contiguous in d_h")
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     _probe_kernel[grid](h, norms, w, layers.to(torch.int32), t.float(), out, out if y is None else y, m, n, k,
                         h.stride(0), h.stride(1), h.stride(2), norms.stride(0), norms.stride(1),
