@@ -8,6 +8,7 @@
 #   bash benchmarks/run_h200.sh curves      # issue 2: every batch's F on 200 taus, two checkpoints x three slices
 #   bash benchmarks/run_h200.sh bigtrained  # issue 2: train the 1.2B preset for minutes, fast vs reference on
 #                                           #   it (64K tokens), then the fast search's memory at 1M tokens
+#   bash benchmarks/run_h200.sh graphs      # issue 2: why graphed passes differ from eager ones (diag_graphs.py)
 #   bash benchmarks/run_h200.sh trainspeed  # issue 4: tokens/s and MFU of the 0.1B preset
 #   bash benchmarks/run_h200.sh study       # issue 4: ReLU vs SiLU of one small preset, tracked, laws fitted
 #   bash benchmarks/run_h200.sh check       # issue 2: profile, fast vs reference (bf16, a rounding-only
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export SPARSINGLAW_CACHE=/tmp/slcache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SL="python3 -m sparsinglaw"
 STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -35,7 +36,7 @@ r01() {  # the 12M-token run whose 6M and 12M checkpoints `repeat` and `curves` 
     "${TRAIN_TOKENS:-12M}" 6M; } >&2  # stdout is the checkpoint list
   ls -d /tmp/runs/r01/checkpoints/step-* | tail -2
 }
-[ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|curves|big|bigtrained|trainspeed|study ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 measure|check|repeat|curves|big|bigtrained|graphs|trainspeed|study ..."; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 measure)
@@ -96,6 +97,10 @@ big)  # issue 2: the 1.2B shape with random weights: the fast search's work for 
     --batch-size 8 --runs fast-replay,ref1e-3 --replay-taus "$TAUS" --memory 65536,1048576 --calib-tokens 65536 \
     --tag h200_1.2b_random --out "$OUT" --quiet 2>&1 | tail -6
   ;;
+graphs)
+  timeout 200 python3 benchmarks/diag_graphs.py 2>&1 | tail -30
+  cp "$OUT/diag_graphs.json" benchmarks/results/diag_graphs_h200.json
+  ;;
 trainspeed)
   timeout 300 python3 benchmarks/train_speed.py && cp benchmarks/results/train_speed_cuda.json "$OUT/"
   ;;
@@ -114,6 +119,6 @@ study)
   rm -rf results/study/*/checkpoints
   tar czf "$OUT/study.tgz" results/study
   ;;
-*) echo "unknown stage $stage; use measure, check, repeat, big, bigtrained, trainspeed or study"; exit 2 ;;
+*) echo "unknown stage $stage; use measure, check, repeat, curves, big, bigtrained, graphs, trainspeed or study"; exit 2 ;;
 esac
 done

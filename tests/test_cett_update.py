@@ -85,11 +85,16 @@ def test_cett_with_updates_equals_the_unfused_cett(monkeypatch):
     grid = dense.grids()
     layers = torch.tensor([0, 1, 2, 0, 2], device=KERNEL_DEVICE)
     # a search's pattern: far apart, then a few candidates and neighbours (pairs of one layer in one call)
-    for x in ([9000, 9000, 30000], [9010, 9011, 30005], [9011, 29990, 29991], [900, 5000, 40000]):
+    for i, x in enumerate(([9000, 9000, 30000], [9010, 9011, 30005], [9011, 29990, 29991], [900, 5000, 40000])):
+        if i == 2:  # products freed (while other batches stream): the next probe starts from dense ones
+            dense.drop_products()
+            assert dense._y is None
         xs = torch.tensor([x[0], x[1], x[2], x[0] + 1, x[2] + 3], device=KERNEL_DEVICE)
         t = grid[layers, xs]
         assert torch.allclose(dense.cett(layers, t), plain.cett(layers, t), rtol=1e-5, atol=1e-7)
     assert dense.updated_probes > dense.dense_probes > 0
+    # the fused grids (one layer's a at a time) are the unfused ones
+    assert torch.equal(grid, plain.grids())
 
 
 def test_search_with_updates_returns_the_reference_candidates(monkeypatch):

@@ -202,6 +202,12 @@ class DenseLayers:
                     self._y_t[ls[i]] = ts[i]
         return out
 
+    def drop_products(self) -> None:
+        """Free the kept products (L x m x d_h fp32, about 0.8 x h's memory): a held batch gives them up
+        while other batches stream past it, so that the peak does not grow with the evaluation set. The
+        next probe allocates them again."""
+        self._y, self._y_t = None, []
+
     def _alloc_y(self) -> bool:
         """Room for each layer's last product (about 0.8 x h's memory for a 2.5 x wide FFN); without it
         (out of memory), every probe is a dense product."""
@@ -230,24 +236,31 @@ class DenseLayers:
         stride = max(1, math.ceil(numel / QUANTILE_MAX))
         if self.a is not None:
             sub, low = self.a.reshape(n_layers, numel)[:, ::stride], self.a.amin(dim=(1, 2))
-        else:  # one layer's a at a time: the fused probe never needs all of it
-            subs, lows = [], []
-            for hi, ni in zip(self.h, self.norms):
-                a = _neuron_norms(hi, ni).reshape(numel)
-                subs.append(a[::stride])
-                lows.append(a.amin())
-            sub, low = torch.stack(subs), torch.stack(lows)
-        n = sub.shape[1]
-        # torch.quantile's interpolation, in its arithmetic: the rank 0.99 (n - 1) and its fraction in fp32,
-        # then torch.lerp between order statistics k and k + 1 (its formula switches at a weight of 0.5)
-        pos = torch.tensor(0.99, dtype=torch.float32) * (n - 1)
-        k = min(n - 1, math.floor(pos.item()))
-        top = sub.topk(n - k, dim=1, sorted=False).values  # the top 1%: holds order statistics k and k + 1
-        two = top.topk(min(2, n - k), dim=1, largest=False).values  # ascending
-        q = two[:, 0]
-        if n - k > 1:
-            q = torch.lerp(q, two[:, 1], (pos - k).to(sub.device))
-        return _linspaces(low, q)
+            return _linspaces(low, _quantile99(sub))
+        # one layer's a at a time (the fused probe never needs all of it), and only its quantile kept: a
+        # strided view would keep each layer's whole fp32 a alive (2x h's memory at the peak)
+        qs, lows = [], []
+        for hi, ni in zip(self.h, self.norms):
+            a = _neuron_norms(hi, ni).reshape(1, numel)
+            qs.append(_quantile99(a[:, ::stride]))
+            lows.append(a.amin())
+            del a
+        return _linspaces(torch.stack(lows), torch.cat(qs))
+
+
+def _quantile99(sub: torch.Tensor) -> torch.Tensor:
+    """torch.quantile(sub, 0.99, dim=1), in its arithmetic: the rank 0.99 (n - 1) and its fraction in fp32,
+    then torch.lerp between order statistics k and k + 1 (its formula switches at a weight of 0.5), from
+    two selections (topk) instead of a full sort."""
+    n = sub.shape[1]
+    pos = torch.tensor(0.99, dtype=torch.float32) * (n - 1)
+    k = min(n - 1, math.floor(pos.item()))
+    top = sub.topk(n - k, dim=1, sorted=False).values  # the top 1%: holds order statistics k and k + 1
+    two = top.topk(min(2, n - k), dim=1, largest=False).values  # ascending
+    q = two[:, 0]
+    if n - k > 1:
+        q = torch.lerp(q, two[:, 1], (pos - k).to(sub.device))
+    return q
 
 
 def _linspaces(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

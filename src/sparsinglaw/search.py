@@ -9,8 +9,9 @@ Two searches give the same answer:
   An evaluation runs every batch (with `early_stop`, it stops after the first ones when they already put
   F clearly off target, and then only steers: off by default, see `Batchwise`). F of a finite sample is a
   noisy step function of tau (about 1e-4 on 64K tokens, up to 3e-4 on some), so an answer is accepted
-  within 1e-4 of the target PPL ratio, or within 3e-4 where the trend of earlier evaluations put it
-  (widened as 1/sqrt(tokens) on smaller samples, to at most 5e-4).
+  within 3e-4 of the target PPL ratio (widened as 1/sqrt(tokens) on smaller samples, to at most 5e-4)
+  once its activation ratio is within 0.001 of where F crosses the target (on the chord across the
+  bracket, or the trend): where F is flat in tau, 3e-4 of F alone can be 0.005 of activation ratio.
   Memory is bounded by `calib_tokens` (dense intermediates held at once), never by the number of
   evaluation tokens: batches beyond it are streamed at the found tau (dense pass, search and sparse
   pass, then freed).
@@ -38,6 +39,7 @@ T = TypeVar("T")
 
 FTOL = 1e-4  # |PPL ratio / target - 1| always accepted
 LOOSE = 3e-4  # accepted up to this (a little over twice the noise of F on 64K tokens) where the trend puts tau
+ATOL = 1e-3  # accepted within this activation ratio of where the trend of F crosses the target
 LOOSE_TOKENS = 65536  # the sample size LOOSE was measured on
 LOOSE_MAX = 5e-4  # LOOSE widened as 1/sqrt(tokens) on smaller samples, up to this
 PRIOR_K = 1.5  # the slope of ln ln F against ln tau assumed before evaluations span enough of tau
@@ -145,7 +147,7 @@ def check_p(p: float) -> float:
 
 def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = FTOL, tau0: float = 0.1,
               max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3,
-              loose: float = LOOSE) -> tuple[Evaluation, str]:
+              loose: float = LOOSE, atol: float = ATOL) -> tuple[Evaluation, str]:
     """Find tau with PPL ratio F = target.
 
     ln F rises with tau roughly as a power law, so y = ln ln F is nearly a line in x = ln tau (slope k,
@@ -157,10 +159,13 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
 
     F measured on a finite sample is a noisy step function of tau (about 1e-4 on 64K tokens of a 0.1B
     model, in fp32 as in bf16), so chasing it closer than the noise only moves the answer along the
-    noise. Done when |F/target - 1| <= ftol, or <= loose (for 64K tokens; widened as 1/sqrt(tokens) on
-    fewer, to at most LOOSE_MAX) once two earlier evaluations placed this one
-    (it sits where the trend crosses the target). Once the bracket is narrower than `xtol` (relative, in
-    tau) the closest evaluation is returned if it is within `accept`.
+    noise. An evaluation is the answer when |F/target - 1| <= loose (for 64K tokens; widened as
+    1/sqrt(tokens) on fewer, to at most LOOSE_MAX) and its activation ratio is within `atol` of the
+    activation ratio (interpolated in ln tau between evaluations: it is smooth where F is not) where F
+    crosses the target. Once F is within `loose`, the next step goes to that crossing (from one side, half
+    as far again, to bracket it). Evaluations without an activation ratio (and a first one) are judged by
+    F alone: |F/target - 1| <= ftol, or <= loose from the third on. Once the bracket is narrower than
+    `xtol` (relative, in tau) the closest evaluation is returned if it is within `accept`.
 
     `evaluate` may return a partial evaluation (`partial=True`: measured on the first batches only,
     because they already put F clearly away from the target; see `stop_early`). It steers like any
@@ -193,15 +198,44 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     def y(ev: Evaluation) -> float:
         return math.log(ln_f(ev))
 
+    def near(ev: Evaluation) -> bool:
+        """F within `loose` of the target: the noise of F falls as 1/sqrt(tokens), so `loose` (for 64K
+        tokens) is widened on fewer, to at most LOOSE_MAX (wider lets tau stray from the reference's)."""
+        tokens = getattr(ev, "tokens", None)
+        scale = math.sqrt(max(1.0, LOOSE_TOKENS / tokens)) if tokens else 1.0
+        return not _partial(ev) and abs(ev.ppl_ratio / target - 1) <= max(loose, min(LOOSE_MAX, loose * scale))
+
     def done(ev: Evaluation) -> bool:
         if _partial(ev):
             return False
         err = abs(ev.ppl_ratio / target - 1)
-        # the noise of F falls as 1/sqrt(tokens): `loose` is for 64K tokens, widened on fewer, to at most
-        # LOOSE_MAX (wider lets tau stray from the reference's on small samples)
-        tokens = getattr(ev, "tokens", None)
-        scale = math.sqrt(max(1.0, LOOSE_TOKENS / tokens)) if tokens else 1.0
-        return err <= ftol or (err <= max(loose, min(LOOSE_MAX, loose * scale)) and len(evals) >= 3)
+        off = a_off(ev)
+        if off is None:  # no activation ratios to judge by (or one evaluation): by F alone
+            return err <= ftol or (near(ev) and len(evals) >= 3)
+        return near(ev) and off <= atol
+
+    def a_off(ev: Evaluation) -> float | None:
+        """|activation ratio - its value where the trend of F crosses the target|, from the activation
+        ratios measured so far (smooth in ln tau, unlike F); None without two full evaluations."""
+        full = sorted((e for e in evals if not _partial(e) and hasattr(e, "activation_ratio")),
+                      key=lambda e: e.tau)
+        x = crossing()
+        if len(full) < 2 or x is None:
+            return None
+        xs = [math.log(e.tau) for e in full]
+        i = min(max(1, sum(v < x for v in xs)), len(xs) - 1)  # interpolate between, or extend the two nearest
+        w = (x - xs[i - 1]) / (xs[i] - xs[i - 1]) if xs[i] > xs[i - 1] else 0.0
+        a = full[i - 1].activation_ratio + w * (full[i].activation_ratio - full[i - 1].activation_ratio)
+        return abs(ev.activation_ratio - a)
+
+    def crossing() -> float | None:
+        """ln tau where F crosses the target: on the chord across the bracket when there is one (ln ln F
+        bends, so the global trend misplaces it), else on the trend."""
+        lo, hi = bracket()
+        if lo is not None and hi is not None and ln_f(lo) > 1e-9 and y(hi) > y(lo):
+            xa, xb = math.log(lo.tau), math.log(hi.tau)
+            return xa + (yt - y(lo)) / (y(hi) - y(lo)) * (xb - xa)
+        return trend()
 
     def bracket() -> tuple[Evaluation | None, Evaluation | None]:
         """The tightest (below, above) pair; full evaluations first, and never inverted by noise."""
@@ -229,16 +263,29 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         k = min(10.0, max(0.5, (sxy + PRIOR_WEIGHT * PRIOR_K) / (sxx + PRIOR_WEIGHT)))
         return xm + (yt - ym) / k
 
+    def accepted() -> Evaluation | None:
+        """The accepted evaluation nearest the trend's crossing, if any."""
+        ok = [e for e in evals if done(e)]
+        return min(ok, key=lambda e: (a_off(e) or 0.0, abs(e.ppl_ratio / target - 1))) if ok else None
+
     ev = run(tau0)
     same_side = 0
-    while not done(ev) and len(evals) < max_evals:
+    while accepted() is None and len(evals) < max_evals:
         lo, hi = bracket()
         if hi is None and max(e.tau for e in evals) >= 1.0:
             top = max(evals, key=lambda e: (e.tau, not _partial(e)))
             return top, f"even tau = 1 keeps the PPL ratio at {top.ppl_ratio:.4f} < target {target:.4f}"
         if lo is None and min(e.tau for e in evals) <= 1e-7:
             return ev, "even tau = 1e-7 exceeds the target PPL ratio"
-        x = trend()
+        x, xc = trend(), crossing()
+        if near(ev) and xc is not None and all(abs(xc - math.log(e.tau)) > 1e-6 for e in evals):
+            # F is already within its noise of the target, and the activation ratio not yet where F crosses
+            # it. In a bracket, go there; from one side, half as far again, to bracket it (the trend's
+            # slope comes from farther points, and creeping in from one side costs evaluations)
+            if lo is None or hi is None:
+                xc += 0.5 * (xc - math.log(ev.tau))
+            ev = run(math.exp(min(xc, 0.0)))
+            continue
         if lo is None or hi is None:  # extrapolate
             cur = lo if hi is None else hi
             up = 1.0 if hi is None else -1.0  # always away from the known side
@@ -263,8 +310,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
             margin = 0.02 * (xb - xa)
             x = min(max(x, xa + margin), xb - margin)
         ev = run(math.exp(x))
-    if done(ev):
-        return ev, ""
+    if (ans := accepted()) is not None:
+        return ans, ""
     best = min((e for e in evals if not _partial(e)), key=lambda e: abs(e.ppl_ratio / target - 1),
                default=evals[-1])
     if abs(best.ppl_ratio / target - 1) <= accept:
@@ -302,8 +349,8 @@ class Batchwise:
     Early stopping is off by default. Each batch's share of the PPL rise drifts with tau and is rough
     (one batch's ln F was 2.5 times the set's at one tau on a 1.2B model), so partial evaluations near
     the target misjudge it and cost more evaluations than they save: replayed on real curves (`python
-    benchmarks/solver_sim.py --curves ...`, 6 slices x 24 batch orders) the solver needed 3.0-3.2 full
-    evaluations on average (at most 4) without it, 3.6-3.7 (up to 6.75) with it."""
+    benchmarks/solver_sim.py --curves ...`, 6 slices x 24 batch orders) the solver needed 3.33 full
+    evaluations on average (at most 4) without it, 3.94 (up to 7.25) with it."""
 
     def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS, early_stop: bool = False):
         # a batch speaks for the whole set (its ln F for stopping early, its thresholds as the next batch's
@@ -446,6 +493,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance
         for _ in range(3):
             parts = evaluate_states(m, states, ev.tau, positions, counter, detail=True)
+            for st in states:  # room for the streamed batch in flight
+                st.search.dense.drop_products()
             parts += stream(m, rest, ev.tau, positions, counter, detail=True)
             full = combine(ev.tau, parts)
             history.append({**full.brief(), "batches": len(batches)})

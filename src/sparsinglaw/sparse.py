@@ -242,7 +242,11 @@ class GraphedPass:
     Not bit-identical to an eager pass: transformers counts stream capture as tracing and then builds the
     causal mask instead of passing `is_causal=True`, so SDPA runs another kernel (a tiny Llama's loss
     moved by up to 3.6e-4 on an H200, tests/test_graphs.py). Both searches graph their sparse passes
-    alike, so they compare like with like; the dense pass they divide by is eager."""
+    alike, so they compare like with like; the dense pass they divide by is eager.
+    `benchmarks/diag_graphs.py` (H200): flash, memory-efficient and cuDNN attention all differ alike and
+    math attention not at all, so the mask is the cause; making transformers take its eager decision
+    while capturing does not work, as it then checks the mask on the host (an invalidated capture on
+    Llama, a CPU-to-GPU copy on GPT-2), so the difference stays, bounded by tests/test_graphs.py."""
 
     def __init__(self, m: Model, ids: torch.Tensor, positions: str, detail: bool):
         self.m, self.positions, self.detail = m, positions, detail
