@@ -310,7 +310,7 @@ def test_solver_reaches_target_on_a_power_law_curve_in_few_evaluations():
     assert len(calls) <= 8
 
 
-@pytest.mark.parametrize("tau_star,k", [(0.0773, 1.0), (0.09, 1.3), (0.11, 1.0)])
+@pytest.mark.parametrize("tau_star,k", [(0.0773, 1.0), (0.083, 1.0), (0.11, 1.0)])
 def test_solver_answers_where_f_crosses_the_target_not_anywhere_within_its_noise(tau_star, k):
     """Where F is flat in tau, an answer merely within the noise of F (3e-4) can sit 0.002-0.003 of
     activation ratio from the crossing; the solver keeps going until the activation ratio is within ATOL
@@ -326,7 +326,7 @@ def test_solver_answers_where_f_crosses_the_target_not_anywhere_within_its_noise
     ev, msg = solve_tau(evaluate, 1.01)
     assert msg == "" and abs(ev.activation_ratio - 0.16) <= ATOL and abs(ev.ppl_ratio / 1.01 - 1) <= 3e-4
     # judged by F alone, the same curve is answered 2e-3 or more from the crossing
-    loose, _ = solve_tau(evaluate, 1.01, atol=1.0)
+    loose, _ = solve_tau(evaluate, 1.01, atol=None)
     assert abs(loose.activation_ratio - 0.16) > 2e-3
 
 

@@ -147,7 +147,7 @@ def check_p(p: float) -> float:
 
 def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: float = FTOL, tau0: float = 0.1,
               max_evals: int = 40, xtol: float = 1e-3, accept: float = 1e-3,
-              loose: float = LOOSE, atol: float = ATOL) -> tuple[Evaluation, str]:
+              loose: float = LOOSE, atol: float | None = ATOL) -> tuple[Evaluation, str]:
     """Find tau with PPL ratio F = target.
 
     ln F rises with tau roughly as a power law, so y = ln ln F is nearly a line in x = ln tau (slope k,
@@ -164,8 +164,9 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     activation ratio (interpolated in ln tau between evaluations: it is smooth where F is not) where F
     crosses the target. Once F is within `loose`, the next step goes to that crossing (from one side, half
     as far again, to bracket it). Evaluations without an activation ratio (and a first one) are judged by
-    F alone: |F/target - 1| <= ftol, or <= loose from the third on. Once the bracket is narrower than
-    `xtol` (relative, in tau) the closest evaluation is returned if it is within `accept`.
+    F alone: |F/target - 1| <= ftol, or <= loose from the third on; so is every evaluation with
+    atol=None (a quick view, as the online tracker takes). Once the bracket is narrower than `xtol`
+    (relative, in tau) the closest evaluation is returned if it is within `accept`.
 
     `evaluate` may return a partial evaluation (`partial=True`: measured on the first batches only,
     because they already put F clearly away from the target; see `stop_early`). It steers like any
@@ -209,8 +210,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         if _partial(ev):
             return False
         err = abs(ev.ppl_ratio / target - 1)
-        off = a_off(ev)
-        if off is None:  # no activation ratios to judge by (or one evaluation): by F alone
+        off = a_off(ev) if atol is not None else None
+        if off is None:  # asked to, no activation ratios to judge by, or one evaluation: by F alone
             return err <= ftol or (near(ev) and len(evals) >= 3)
         return near(ev) and off <= atol
 
@@ -278,7 +279,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         if lo is None and min(e.tau for e in evals) <= 1e-7:
             return ev, "even tau = 1e-7 exceeds the target PPL ratio"
         x, xc = trend(), crossing()
-        if near(ev) and xc is not None and all(abs(xc - math.log(e.tau)) > 1e-6 for e in evals):
+        if (atol is not None and near(ev) and xc is not None
+                and all(abs(xc - math.log(e.tau)) > 1e-6 for e in evals)):
             # F is already within its noise of the target, and the activation ratio not yet where F crosses
             # it. In a bracket, go there; from one side, half as far again, to bracket it (the trend's
             # slope comes from farther points, and creeping in from one side costs evaluations)
@@ -455,7 +457,8 @@ def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> 
 
 def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str = "all",
                 calib_tokens: int | None = None, ftol: float = FTOL, tau0: float = 0.1,
-                progress: bool = True, max_evals: int = 40, early_stop: bool = False) -> SearchResult:
+                progress: bool = True, max_evals: int = 40, early_stop: bool = False,
+                atol: float | None = ATOL) -> SearchResult:
     target = check_p(p)
     t0 = time.perf_counter()
     counter = PassCounter(len(batches))
@@ -487,7 +490,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
              + (f"  ({len(parts)} of {len(states)} batches: clearly off)" if ev.partial else ""), progress)
         return ev
 
-    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0, max_evals=max_evals)
+    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0, max_evals=max_evals, atol=atol)
     calib_ev = ev
     if rest:
         # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance
@@ -504,7 +507,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
                 break
             # the full set's ln F is a near-constant multiple of the calibration set's: retarget
             scale = math.log(calib_ev.ppl_ratio) / math.log(full.ppl_ratio)
-            calib_ev, message = solve_tau(evaluate, math.exp(math.log(target) * scale), ftol=ftol, tau0=ev.tau)
+            calib_ev, message = solve_tau(evaluate, math.exp(math.log(target) * scale), ftol=ftol, tau0=ev.tau,
+                                          atol=atol)
             ev = calib_ev
         ev = full
     seconds = time.perf_counter() - t0

@@ -452,8 +452,9 @@ class OnlineTracker:
             else:
                 net, _ = _load(ckpt_dir, self.device, self.dtype)
                 rec["source"] = "disk"
+            # judged by F alone (atol=None): an early, cheap view, not the series' calibrated measurement
             res = fast_search(Model(net), self._batches[run_dir], self.p, ftol=self.ftol, tau0=self._tau0,
-                              max_evals=self.max_evals, progress=False)
+                              max_evals=self.max_evals, progress=False, atol=None)
             if 0 < res.tau < 1:
                 self._tau0 = res.tau
             if model is None:  # a loaded checkpoint is dropped; the in-memory Llama is kept for the next one
