@@ -160,9 +160,9 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     F measured on a finite sample is a noisy step function of tau (about 1e-4 on 64K tokens of a 0.1B
     model, in fp32 as in bf16), so chasing it closer than the noise only moves the answer along the
     noise. An evaluation is the answer when |F/target - 1| <= loose (for 64K tokens; widened as
-    1/sqrt(tokens) on fewer, to at most LOOSE_MAX) and its activation ratio is within `atol` of the
-    activation ratio (interpolated in ln tau between evaluations: it is smooth where F is not) where F
-    crosses the target. Once F is within `loose`, the next step goes to that crossing (from one side, half
+    1/sqrt(tokens) on fewer, to at most LOOSE_MAX) and its activation ratio is within `atol` (widened
+    alike) of the activation ratio (interpolated in ln tau between evaluations: it is smooth where F is
+    not) where F crosses the target. Once F is within `loose`, the next step goes to that crossing (from one side, half
     as far again, to bracket it). Evaluations without an activation ratio (and a first one) are judged by
     F alone: |F/target - 1| <= ftol, or <= loose from the third on; so is every evaluation with
     atol=None (a quick view, as the online tracker takes). Once the bracket is narrower than `xtol`
@@ -199,12 +199,16 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     def y(ev: Evaluation) -> float:
         return math.log(ln_f(ev))
 
-    def near(ev: Evaluation) -> bool:
-        """F within `loose` of the target: the noise of F falls as 1/sqrt(tokens), so `loose` (for 64K
-        tokens) is widened on fewer, to at most LOOSE_MAX (wider lets tau stray from the reference's)."""
+    def widen(ev: Evaluation) -> float:
+        """The noise of F falls as 1/sqrt(tokens): tolerances set for 64K tokens are widened by this on
+        fewer, so that `loose` reaches at most LOOSE_MAX (wider lets tau stray from the reference's)."""
         tokens = getattr(ev, "tokens", None)
         scale = math.sqrt(max(1.0, LOOSE_TOKENS / tokens)) if tokens else 1.0
-        return not _partial(ev) and abs(ev.ppl_ratio / target - 1) <= max(loose, min(LOOSE_MAX, loose * scale))
+        return max(1.0, min(LOOSE_MAX / loose, scale)) if loose > 0 else 1.0
+
+    def near(ev: Evaluation) -> bool:
+        """F within `loose` of the target (widened on fewer tokens)."""
+        return not _partial(ev) and abs(ev.ppl_ratio / target - 1) <= loose * widen(ev)
 
     def done(ev: Evaluation) -> bool:
         if _partial(ev):
@@ -213,7 +217,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         off = a_off(ev) if atol is not None else None
         if off is None:  # asked to, no activation ratios to judge by, or one evaluation: by F alone
             return err <= ftol or (near(ev) and len(evals) >= 3)
-        return near(ev) and off <= atol
+        return near(ev) and off <= atol * widen(ev)
 
     def a_off(ev: Evaluation) -> float | None:
         """|activation ratio - its value where the trend of F crosses the target|, from the activation
