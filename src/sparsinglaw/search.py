@@ -290,7 +290,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
             # slope comes from farther points, and creeping in from one side costs evaluations)
             if lo is None or hi is None:
                 xc += 0.5 * (xc - math.log(ev.tau))
-            ev = run(math.exp(min(xc, 0.0)))
+            xc = min(max(xc, math.log(ev.tau / 3)), math.log(ev.tau * 3), 0.0)  # F is near: so is tau
+            ev = run(math.exp(xc))
             continue
         if lo is None or hi is None:  # extrapolate
             cur = lo if hi is None else hi
