@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -36,6 +35,21 @@ BACKENDS = {"default": None, "flash+eff+math": [SDPBackend.FLASH_ATTENTION, SDPB
             "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}
 
 
+def backend(name: str):
+    """SDPA restricted to the named backends (`default`: PyTorch's own choice)."""
+    return sdpa_kernel(BACKENDS[name]) if BACKENDS[name] else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eager():
+    """Passes run without CUDA graphs inside this block."""
+    os.environ["SPARSINGLAW_CUDA_GRAPHS"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("SPARSINGLAW_CUDA_GRAPHS")
+
+
 @contextlib.contextmanager
 def capture_patch(on: bool):
     orig = iu.is_cuda_stream_capturing
@@ -47,22 +61,21 @@ def capture_patch(on: bool):
         iu.is_cuda_stream_capturing = orig
 
 
-def run(family: str, backend: str, patch: bool) -> dict:
+def run(family: str, backend_name: str, patch: bool) -> dict:
     model = tiny_model(family).cuda().to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen).cuda() for _ in range(3)]
     ths = [torch.full((Model(model).n_layers,), v, device="cuda") for v in (0.01, 0.05, 0.2)]
     runs = [(ids, th) for th in ths for ids in batches]
-    ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else contextlib.nullcontext()
-    out = {"family": family, "backend": backend, "patch": patch}
+    out = {"family": family, "backend": backend_name, "patch": patch}
     try:
-        with ctx, capture_patch(patch):
+        with backend(backend_name), capture_patch(patch):
             m = Model(model)
             g = [run_pass(m, ids, Rule("cett", thresholds=th), "all", detail=True) for ids, th in runs]
             out["graphs_failed"] = m.graphs_failed
-            os.environ["SPARSINGLAW_CUDA_GRAPHS"] = "0"
-            e = [run_pass(Model(model), ids, Rule("cett", thresholds=th), "all", detail=True) for ids, th in runs]
-            os.environ.pop("SPARSINGLAW_CUDA_GRAPHS")
+            with eager():
+                e = [run_pass(Model(model), ids, Rule("cett", thresholds=th), "all", detail=True)
+                     for ids, th in runs]
         out["max_dloss"] = max(abs(a.loss - b.loss) for a, b in zip(g, e))
         out["max_dkept"] = max(float((a.kept - b.kept).abs().max()) for a, b in zip(g, e))
     except Exception as ex:  # noqa: BLE001
@@ -75,6 +88,7 @@ def run(family: str, backend: str, patch: bool) -> dict:
 def timing() -> list[dict]:
     """Eager 0.1B-shaped pass (16K tokens): cuDNN (the default) against flash attention."""
     from measure_speed import build_random  # noqa: PLC0415
+    from profile_gpu import timed  # noqa: PLC0415
     rows = []
     try:
         model, _ = build_random("0.1b", torch.device("cuda"), torch.bfloat16)
@@ -83,19 +97,14 @@ def timing() -> list[dict]:
     ids = torch.randint(0, model.config.vocab_size, (8, 2048), device="cuda")
     m = Model(model)
     th = torch.full((m.n_layers,), 0.05, device="cuda")
-    for backend in ("default", "flash+eff+math", "cudnn"):
-        ctx = sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else contextlib.nullcontext()
-        with ctx:
-            os.environ["SPARSINGLAW_CUDA_GRAPHS"] = "0"
-            for _ in range(3):
+    for name in ("default", "flash+eff+math", "cudnn"):
+        with backend(name), eager():
+            def one():
                 run_pass(m, ids, Rule("cett", thresholds=th), "all")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                run_pass(m, ids, Rule("cett", thresholds=th), "all")
-            torch.cuda.synchronize()
-            os.environ.pop("SPARSINGLAW_CUDA_GRAPHS")
-        rows.append({"backend": backend, "eager_pass_ms": (time.perf_counter() - t0) * 100})
+            one()
+            one()  # two warm-up passes, then timed's own and ten timed ones
+            ms = timed(one, n=10)
+        rows.append({"backend": name, "eager_pass_ms": ms})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

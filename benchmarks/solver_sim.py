@@ -63,23 +63,31 @@ def curve(tau_star: float, k: float, noise: float, seed: int, bend: float = 0.0,
     def act(tau: float) -> float:
         return 0.16 - 0.2 * math.log(tau / tau_star)
 
-    state = {"batches": 0}
-    batchwise = Batchwise(4, TARGET)
+    full, evaluate, state = searched(lambda tau: batch_ratios(tau, 4), act, Batchwise(4, TARGET))
+    return full, evaluate, act, state
+
+
+def searched(ratios, act, batchwise: Batchwise, tokens: int | None = None):
+    """(full, evaluate, state) of a curve given every batch's F at tau (`ratios(tau)`): `full` is the
+    whole set's F, for the bisection; `evaluate` runs the batches as the fast search does (in order,
+    through `batchwise`), counting batches and evaluations in `state`."""
+    n = batchwise.n
+    state = {"batches": 0, "evaluations": 0}
 
     def full(tau: float):
-        r = batch_ratios(tau, 4)
-        return SimpleNamespace(tau=tau, ppl_ratio=sum(r) / 4)
+        return SimpleNamespace(tau=tau, ppl_ratio=sum(ratios(tau)) / n)
 
     def evaluate(tau: float):
-        r = batch_ratios(tau, 4)
+        r = ratios(tau)
         got = batchwise.run(lambda i: (r[i], math.log(r[i])))
         state["batches"] += len(got)
-        ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < 4,
-                             activation_ratio=act(tau))
+        state["evaluations"] += 1
+        ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < n,
+                             activation_ratio=act(tau), tokens=tokens)
         batchwise.learn(ev)
         return ev
 
-    return full, evaluate, act, state
+    return full, evaluate, state
 
 
 def bisection(full, tol: float) -> tuple[float, int]:
@@ -122,28 +130,14 @@ def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = N
         w = (x - xs[i]) / (xs[i + 1] - xs[i])
         return table[i][b] * (1 - w) + table[i + 1][b] * w
 
-    def ratios(tau: float, k: int) -> list[float]:
-        return [math.exp(at(lnf, tau, b)) for b in range(k)]
+    def ratios(tau: float) -> list[float]:
+        return [math.exp(at(lnf, tau, b)) for b in range(n)]
 
     def act(tau: float) -> float:
         return sum(at(acts, tau, b) for b in range(n)) / n
 
-    state = {"batches": 0, "evaluations": 0}
-    batchwise = Batchwise(n, TARGET, curve["batch_tokens"], early_stop)
-
-    def full(tau: float):
-        return SimpleNamespace(tau=tau, ppl_ratio=sum(ratios(tau, n)) / n)
-
-    def evaluate(tau: float):
-        r = ratios(tau, n)
-        got = batchwise.run(lambda i: (r[i], math.log(r[i])))
-        state["batches"] += len(got)
-        state["evaluations"] += 1
-        ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < n,
-                             activation_ratio=act(tau), tokens=n * curve["batch_tokens"])
-        batchwise.learn(ev)
-        return ev
-
+    full, evaluate, state = searched(ratios, act, Batchwise(n, TARGET, curve["batch_tokens"], early_stop),
+                                     tokens=n * curve["batch_tokens"])
     return full, evaluate, act, state
 
 
@@ -163,7 +157,7 @@ def summary(cases: list[tuple]) -> dict:
 
 def table(rows: list[dict], first: str, fmt: str) -> None:
     print(f"{first:>10} {'cases':>5} {'evals':>6} {'p90':>5} {'max':>5} {'dA med':>8} {'dA max':>7} {'<=.002':>7} "
-          f"{'F err max':>9} {'fail':>4} {'oracle':>7}")
+          f"{'F err max':>9} {'fail':>4}" + (f" {'oracle':>7}" if "oracle_within_0.002" in rows[0] else ""))
     for r in rows:
         print(f"{fmt.format(**r):>10} {r['cases']:>5} {r['full_evals_mean']:>6.2f} {r['full_evals_p90']:>5.2f} "
               f"{r['full_evals_max']:>5.2f} {r['dA_median']:>8.5f} {r['dA_max']:>7.4f} {r['dA_within_0.002']:>7.2f} "

@@ -162,8 +162,8 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
     noise. An evaluation is the answer when |F/target - 1| <= loose (for 64K tokens; widened as
     1/sqrt(tokens) on fewer, to at most LOOSE_MAX) and its activation ratio is within `atol` (widened
     alike) of the activation ratio (interpolated in ln tau between evaluations: it is smooth where F is
-    not) where F crosses the target. Once F is within `loose`, the next step goes to that crossing (from one side, half
-    as far again, to bracket it). Evaluations without an activation ratio (and a first one) are judged by
+    not) where F crosses the target. Once F is within `loose`, the next step goes to that crossing (from
+    one side, half as far again, to bracket it). Evaluations without an activation ratio (and a first one) are judged by
     F alone: |F/target - 1| <= ftol, or <= loose from the third on; so is every evaluation with
     atol=None (a quick view, as the online tracker takes). Once the bracket is narrower than `xtol`
     (relative, in tau) the closest evaluation is returned if it is within `accept`.
@@ -233,14 +233,20 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
         a = full[i - 1].activation_ratio + w * (full[i].activation_ratio - full[i - 1].activation_ratio)
         return abs(ev.activation_ratio - a)
 
+    def chord(lo: Evaluation | None, hi: Evaluation | None) -> float | None:
+        """ln tau where the chord across the bracket (lo, hi) reaches the target; None without a usable one.
+        ln ln F bends (its local slope varied 2x across brackets on a 0.1B model), and a line with one
+        global slope then creeps in from one side."""
+        if lo is None or hi is None or ln_f(lo) <= 1e-9 or y(hi) <= y(lo):
+            return None
+        xa, xb = math.log(lo.tau), math.log(hi.tau)
+        return xa + (yt - y(lo)) / (y(hi) - y(lo)) * (xb - xa)
+
     def crossing() -> float | None:
-        """ln tau where F crosses the target: on the chord across the bracket when there is one (ln ln F
-        bends, so the global trend misplaces it), else on the trend."""
-        lo, hi = bracket()
-        if lo is not None and hi is not None and ln_f(lo) > 1e-9 and y(hi) > y(lo):
-            xa, xb = math.log(lo.tau), math.log(hi.tau)
-            return xa + (yt - y(lo)) / (y(hi) - y(lo)) * (xb - xa)
-        return trend()
+        """ln tau where F crosses the target: on the chord across the bracket when there is one, else on
+        the trend."""
+        x = chord(*bracket())
+        return x if x is not None else trend()
 
     def bracket() -> tuple[Evaluation | None, Evaluation | None]:
         """The tightest (below, above) pair; full evaluations first, and never inverted by noise."""
@@ -282,8 +288,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
             return top, f"even tau = 1 keeps the PPL ratio at {top.ppl_ratio:.4f} < target {target:.4f}"
         if lo is None and min(e.tau for e in evals) <= 1e-7:
             return ev, "even tau = 1e-7 exceeds the target PPL ratio"
-        x, xc = trend(), crossing()
-        if (atol is not None and near(ev) and xc is not None
+        if (atol is not None and near(ev) and (xc := crossing()) is not None
                 and all(abs(xc - math.log(e.tau)) > 1e-6 for e in evals)):
             # F is already within its noise of the target, and the activation ratio not yet where F crosses
             # it. In a bracket, go there; from one side, half as far again, to bracket it (the trend's
@@ -294,6 +299,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
             ev = run(math.exp(xc))
             continue
         if lo is None or hi is None:  # extrapolate
+            x = trend()
             cur = lo if hi is None else hi
             up = 1.0 if hi is None else -1.0  # always away from the known side
             if x is None or up * (x - math.log(cur.tau)) <= 0:  # no trend, or it points back (flat, noisy,
@@ -308,10 +314,7 @@ def solve_tau(evaluate: Callable[[float], Evaluation], target: float, ftol: floa
                 break
             prev = evals[-2:]
             same_side = same_side + 1 if len(prev) == 2 and (g(prev[0]) < 0) == (g(prev[1]) < 0) else 0
-            if ln_f(lo) > 1e-9 and y(hi) > y(lo):
-                # the chord across the bracket: ln ln F bends (its local slope varied 2x across brackets
-                # on a 0.1B model), and a line with one global slope then creeps in from one side
-                x = xa + (yt - y(lo)) / (y(hi) - y(lo)) * (xb - xa)
+            x = crossing()  # the chord across the bracket (the trend where there is no usable chord)
             if x is None or same_side >= 2 or not xa < x < xb:  # the trend misses, or points out: bisect
                 x, same_side = (xa + xb) / 2, 0
             margin = 0.02 * (xb - xa)
@@ -413,12 +416,12 @@ def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: s
                     ) -> list[tuple[float, PassResult, torch.Tensor]]:
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search, all
     batches' searches stepped together)."""
-    def done() -> tuple[int, int]:
+    def counts() -> tuple[int, int]:
         return (sum(st.search.evaluations for st in states), sum(st.search.dense.updated_probes for st in states))
 
-    before, t0 = done(), time.perf_counter()
+    before, t0 = counts(), time.perf_counter()
     ths = thresholds_all([st.search for st in states], tau, hint)
-    after = done()
+    after = counts()
     counter.products += after[0] - before[0]
     counter.updates += after[1] - before[1]
     counter.timed("thresholds", t0)

@@ -259,22 +259,25 @@ class GraphedPass:
     def __call__(self, ids: torch.Tensor, thresholds: torch.Tensor) -> tuple:
         self.ids.copy_(ids)
         self.th.copy_(thresholds)
-        rule = Rule("cett", thresholds=self.th)
         self.calls += 1
         if self.graph is None and self.calls >= 2 and not self.m.graphs_failed:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    out = _pass(self.m, self.ids, rule, self.positions, False, self.detail)[:4]
+                    out = self._pass()
                 self.graph, self.out = graph, out
             except Exception as e:  # noqa: BLE001 - anything the capture rejects: run eagerly from now on
                 self.m.graphs_failed = f"{type(e).__name__}: {e}"[:300]
                 torch.cuda.synchronize()
         if self.graph is None:
-            return _pass(self.m, self.ids, rule, self.positions, False, self.detail)[:4]
+            return self._pass()
         self.graph.replay()
         # the graph's outputs are overwritten by the next replay: callers keep copies
         return tuple(x.clone() if x is not None else None for x in self.out)
+
+    def _pass(self) -> tuple:
+        """The pass on the static buffers: (loss, kept, neuron_kept, token_ratio) device tensors."""
+        return _pass(self.m, self.ids, Rule("cett", thresholds=self.th), self.positions, False, self.detail)[:4]
 
 
 # --- static thresholds: export, load, apply ---------------------------------------------------------

@@ -21,11 +21,9 @@ SPARSINGLAW_PROBE_UPDATES=0 turns it off (every probe is then a dense product).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from sparsinglaw.kernels import cett_probe
+from sparsinglaw.kernels import cett_probe, switched_on
 
 try:
     import triton
@@ -39,7 +37,7 @@ MASK_BYTES = 1 << 30  # the band masks of one launch (one byte per element of h)
 
 def enabled(h: torch.Tensor) -> bool:
     """Sparse updates serve where the fused probe does, unless turned off."""
-    return os.environ.get("SPARSINGLAW_PROBE_UPDATES", "1") != "0" and cett_probe.enabled(h)
+    return switched_on("SPARSINGLAW_PROBE_UPDATES") and cett_probe.enabled(h)
 
 
 if triton is not None:
