@@ -9,7 +9,9 @@ Measured on the H200 (torch 2.11, transformers 5.17; benchmarks/results/diag_gra
 Llama passes differ from eager ones alike under flash, memory-efficient and cuDNN attention (loss by
 3.6e-4, 2 pairs) and not at all under math attention; with the patch, capture fails on every backend
 (Llama: an invalidated capture; GPT-2: a CPU-to-GPU copy), because transformers then checks the mask
-on the host.
+on the host. The fix that followed (`sparse.causal_attention`: SDPA under a name transformers builds no
+mask for, so it attends through is_causal, captured or not) runs inside every pass since, so a re-run
+measures passes with it on; tests/test_graphs.py now asserts bit-identity (13 passed on the H200).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     python benchmarks/profile_gpu.py measure   # sparse/dense passes, loss, CETT probes (random 0.1B Llama)
     python benchmarks/profile_gpu.py forward   # a sparse pass's kernel time by kind, 0.1B and 1.2B shapes
     python benchmarks/profile_gpu.py train     # one compiled training step of the 0.1b preset
+    python benchmarks/profile_gpu.py grids     # a batch's fixed cost before its first probe: DenseLayers.build
+                                               #   and the candidate grids, by piece, at the 0.1B shape
     python benchmarks/profile_gpu.py probes    # CETT probes at the 0.1B and 1.2B FFN shapes: the fused
                                                #   probe (both W layouts, with y kept), cuBLAS, sparse updates
 
@@ -239,6 +241,41 @@ def probe_cublas(h, norms, w, layers, t) -> dict:
     return res
 
 
+def grids_part(out: dict) -> None:
+    """The fixed cost of one batch between its dense pass and its first probe (the search's `grids`
+    phase), at the 0.1B FFN shape (16 layers, 16K tokens, d_h 768, d_f 1920) on random h and W: the
+    whole of DenseLayers.build and grids(), each piece alone, and the top kernels of both."""
+    from sparsinglaw.metrics import QUANTILE_MAX, DenseLayers, _neuron_norms, _quantile99, _rownorm
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_layers, m, d_h, d_f = 16, 16384, 768, 1920
+    hs = [(torch.randn(m, d_f, device=dev, generator=g) * torch.rand(1, d_f, device=dev, generator=g)
+           ).to(torch.bfloat16) for _ in range(n_layers)]
+    w = torch.randn(n_layers, d_h, d_f, device=dev, generator=g).to(torch.bfloat16)
+    norms = w.float().norm(dim=1)
+    dl = DenseLayers.build(hs, w, norms)
+    stride = max(1, -(-m * d_f // QUANTILE_MAX))
+    a0 = _neuron_norms(dl.h[0], norms[0]).reshape(1, -1)
+    sub = a0[:, ::stride]
+    r = {"build_ms": timed(lambda: DenseLayers.build(hs, w, norms)), "grids_ms": timed(dl.grids),
+         "stack_ms": timed(lambda: torch.stack(hs)),
+         "y_norm_ms": timed(lambda: torch.stack([_rownorm(hi @ wi.t()) for hi, wi in zip(dl.h, dl.w)])),
+         "neuron_norms_per_layer_ms": timed(lambda: _neuron_norms(dl.h[0], norms[0])),
+         "quantile99_strided_per_layer_ms": timed(lambda s=sub: _quantile99(s)),
+         "quantile99_contiguous_per_layer_ms": timed(lambda s=sub.contiguous(): _quantile99(s)),
+         "amin_per_layer_ms": timed(lambda a=a0: a.amin()),
+         "sort_per_layer_ms": timed(lambda s=sub.contiguous(): s.sort(dim=1)),
+         "kthvalue_per_layer_ms": timed(lambda s=sub.contiguous(): s.kthvalue(s.shape[1] // 2, dim=1))}
+    del a0, sub
+    out["grids"] = r
+    print(json.dumps(r, indent=1))
+    print("== DenseLayers.build ==")
+    print(top_kernels(lambda: DenseLayers.build(hs, w, norms), rows=12))
+    print("== grids ==")
+    print(top_kernels(dl.grids, rows=12))
+
+
 def probes_part(out: dict) -> None:
     """One probe per layer at 16K tokens, random h and W, thresholds at the 60% quantile of a: the fused probe
     with W stored d_f-contiguous (as until session 6) and d_h-contiguous (Model.w_stack now), with the
@@ -361,6 +398,10 @@ def main() -> None:
             probes_part(out)
         elif p == "forward":
             forward_part(out, ["0.1b", "1.2b"])
+        elif p.startswith("forward"):  # forward0.1b: one shape
+            forward_part(out, [p[7:]])
+        elif p == "grids":
+            grids_part(out)
         elif p.startswith("train"):
             train_part(out, int(p[5:] or 8))
     if args.out:

@@ -118,6 +118,23 @@ def test_grids_are_the_reference_grid_for_any_size(m, d_f):
         assert torch.equal(grids[i], metrics.reference_grid(h[i].abs().float() * norms[i]))
 
 
+@pytest.mark.parametrize("m,d_f", [(128, 256), (127, 257), (40, 100)])
+def test_grids_from_strided_columns_are_the_reference_grid(m, d_f, monkeypatch):
+    # a small limit reaches every path: stride 2 over whole columns (d_f even) or not (odd), or none, with
+    # a kept (the unfused probe) or not (fused: a of the strided columns only, min a from column minima)
+    monkeypatch.setattr(metrics, "QUANTILE_MAX", 1 << 14)
+    torch.manual_seed(m + d_f)
+    h = (torch.randn(2, m, d_f) * torch.rand(2, 1, d_f) * 2).to(torch.bfloat16)
+    norms = torch.rand(2, d_f) + 0.5
+    a = h.abs().float() * norms[:, None]
+    for kept in (a, None):
+        dl = metrics.DenseLayers(h=h, a=kept, w=torch.zeros(2, 4, d_f, dtype=h.dtype), norms=norms,
+                                 y_norm=torch.ones(2, m))
+        grids = dl.grids()
+        for i in range(2):
+            assert torch.equal(grids[i], metrics.reference_grid(a[i])), (i, kept is None)
+
+
 def test_memoised_batched_search_returns_the_reference_candidates():
     torch.manual_seed(1)
     n_layers, m, d_f, d_h = 4, 1024, 128, 32

@@ -156,6 +156,43 @@ def fused_forward(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+CAUSAL_SDPA = "sparsinglaw_causal_sdpa"  # torch SDPA under a name transformers builds no mask for
+CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # full causal attention through create_causal_mask
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def causal_attention(model: torch.nn.Module, seq: int) -> Iterator[bool]:
+    """Inside this block, a Llama-family model on SDPA attends through `is_causal=True` without building a
+    mask, as transformers does itself for an unpadded batch with no cache, but also under CUDA stream
+    capture, where it would otherwise materialise the causal mask (it cannot check the padding there) and
+    SDPA would take a slower kernel whose rounding differs (benchmarks/diag_graphs.py). So a graphed pass
+    equals an eager one. Only for whole sequences (`seq` tokens) with no padding mask and no cache, as
+    `_pass` runs them, and no sliding window shorter than them; elsewhere a no-op. Yields whether it
+    applied."""
+    from transformers import AttentionInterface
+
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    sliding = window is not None and seq > window and (  # a window as long as the sequence is causal
+        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
+    if (cfg is None or getattr(cfg, "model_type", None) not in CAUSAL_FAMILIES or sliding
+            or cfg._attn_implementation != "sdpa" or not getattr(cfg, "is_causal", True)):
+        yield False
+        return
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+    cfg._attn_implementation = CAUSAL_SDPA
+    try:
+        yield True
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
 @torch.no_grad()
 def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
              detail: bool = False) -> PassResult:
@@ -227,7 +264,7 @@ def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool
             token_ratio[i] = keep_flat[:seq].sum(-1, dtype=torch.int32).float() / keep.shape[-1]
         return torch.where(keep, h, 0)
 
-    with hooked(m.sites, fn, need_s=rule.need_s), fused_forward(m.model):
+    with hooked(m.sites, fn, need_s=rule.need_s), fused_forward(m.model), causal_attention(m.model, seq):
         logits = m.model(input_ids=ids, use_cache=False).logits
     return lm_loss(logits, ids), kept, neuron_kept, token_ratio, captured
 
@@ -239,14 +276,9 @@ class GraphedPass:
     second captures; a pass that cannot be captured (a host sync inside a model's forward) runs eagerly
     from then on. SPARSINGLAW_CUDA_GRAPHS=0 turns graphs off.
 
-    Not bit-identical to an eager pass: transformers counts stream capture as tracing and then builds the
-    causal mask instead of passing `is_causal=True`, so SDPA runs another kernel (a tiny Llama's loss
-    moved by up to 3.6e-4 on an H200, tests/test_graphs.py). Both searches graph their sparse passes
-    alike, so they compare like with like; the dense pass they divide by is eager.
-    `benchmarks/diag_graphs.py` (H200): flash, memory-efficient and cuDNN attention all differ alike and
-    math attention not at all, so the mask is the cause; making transformers take its eager decision
-    while capturing does not work, as it then checks the mask on the host (an invalidated capture on
-    Llama, a CPU-to-GPU copy on GPT-2), so the difference stays, bounded by tests/test_graphs.py."""
+    Bit-identical to an eager pass (tests/test_graphs.py): both attend through `causal_attention`. Before
+    it, transformers counted stream capture as tracing and built the causal mask, and SDPA took another,
+    slower kernel (a tiny Llama's loss moved by up to 3.6e-4; `benchmarks/diag_graphs.py`)."""
 
     def __init__(self, m: Model, ids: torch.Tensor, positions: str, detail: bool):
         self.m, self.positions, self.detail = m, positions, detail
