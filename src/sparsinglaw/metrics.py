@@ -227,16 +227,22 @@ class DenseLayers:
         ends = torch.searchsorted(sample, torch.tensor([lo, hi]), right=True).tolist()
         return (ends[1] - ends[0]) / len(sample)
 
-    def grids(self) -> torch.Tensor:
+    def grids(self, ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The authors' candidates for every layer at once: 65,536 points from min(a) to the 0.99 quantile
         of a strided subsample of a. Same values as `reference_grid`, but the quantile comes from two
-        selections (topk) on a strided view instead of a full sort per layer."""
+        selections (topk) on a strided view instead of a full sort per layer. `ends`: `grid_ends()`
+        computed earlier (its kernels queued; this reads them back)."""
+        return _linspaces(*(ends if ends is not None else self.grid_ends()))
+
+    def grid_ends(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min a, the 0.99 quantile of the strided subsample of a) of every layer, as device tensors: the
+        grids' work, with no host sync (the grid itself needs one: torch.linspace takes numbers)."""
         n_layers, m, d_f = self.h.shape
         numel = m * d_f
         stride = max(1, math.ceil(numel / QUANTILE_MAX))
         if self.a is not None:
             sub, low = self.a.reshape(n_layers, numel)[:, ::stride], self.a.amin(dim=(1, 2))
-            return _linspaces(low, _quantile99(sub))
+            return low, _quantile99(sub)
         # one layer's a at a time (the fused probe never needs all of it), and only its quantile kept: a
         # strided view would keep each layer's whole fp32 a alive (2x h's memory at the peak)
         qs, lows = [], []
@@ -252,7 +258,7 @@ class DenseLayers:
                 del a
             qs.append(_quantile99(sub))
             del sub
-        return _linspaces(torch.stack(lows), torch.cat(qs))
+        return torch.stack(lows), torch.cat(qs)
 
 
 def _quantile99(sub: torch.Tensor) -> torch.Tensor:
@@ -348,9 +354,9 @@ class ThresholdSearch:
     keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.
     """
 
-    def __init__(self, dense: DenseLayers):
+    def __init__(self, dense: DenseLayers, grid: torch.Tensor | None = None):
         self.dense = dense
-        self.grid = dense.grids()  # (L, N)
+        self.grid = dense.grids() if grid is None else grid  # (L, N)
         n = dense.n_layers
         # known (index, CETT) pairs per layer, with virtual end points: CETT 0 below the grid, and the
         # top candidate, which the reference never evaluates, as an upper sentinel

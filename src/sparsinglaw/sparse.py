@@ -193,7 +193,6 @@ def causal_attention(model: torch.nn.Module, seq: int) -> Iterator[bool]:
         cfg._attn_implementation = "sdpa"
 
 
-@torch.no_grad()
 def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
              detail: bool = False) -> PassResult:
     """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass.
@@ -203,6 +202,34 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
     On a GPU the Llama family's RoPE and RMSNorm run through fused kernels too (`kernels.rope`,
     bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass,
     and CETT passes of a batch shape seen before replay a CUDA graph of the pass (`GraphedPass`)."""
+    return launch_pass(m, ids, rule, positions, capture, detail).result()
+
+
+@dataclass
+class LaunchedPass:
+    """A pass queued on the device and not read back yet; `result()` waits for it (one host sync)."""
+
+    loss: torch.Tensor
+    kept: torch.Tensor
+    tokens: int
+    d_ff: int
+    dense_h: list[torch.Tensor] | None
+    neuron_kept: torch.Tensor | None
+    token_ratio: torch.Tensor | None
+
+    def result(self) -> PassResult:
+        loss = self.loss.item()
+        if not math.isfinite(loss):
+            raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
+        return PassResult(loss=loss, kept=self.kept, tokens=self.tokens, d_ff=self.d_ff, dense_h=self.dense_h,
+                          neuron_kept=self.neuron_kept, token_ratio=self.token_ratio)
+
+
+@torch.no_grad()
+def launch_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
+                detail: bool = False) -> LaunchedPass:
+    """`run_pass` up to its one host sync: the host may go on (to work on another stream) while the device
+    runs the pass."""
     ids = ids.to(m.device)
     graph = None if capture else m.graphed(ids, rule, positions, detail)
     if graph is not None:
@@ -210,11 +237,8 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
         captured = None
     else:
         loss, kept, neuron_kept, token_ratio, captured = _pass(m, ids, rule, positions, capture, detail)
-    loss = loss.item()
-    if not math.isfinite(loss):
-        raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
-    return PassResult(loss=loss, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
-                      dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
+    return LaunchedPass(loss=loss, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
+                        dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
 
 
 def n_counted(ids: torch.Tensor, positions: str) -> int:
