@@ -10,7 +10,7 @@ import tiny
 import torch
 
 from sparsinglaw import metrics
-from sparsinglaw.measure import measure
+from sparsinglaw.measure import measure, metric_label
 from sparsinglaw.search import fast_search, reference_search, solve_tau
 from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass, sparsify
 
@@ -286,6 +286,16 @@ def test_topk_measurement_reports_k_and_exports_thresholds(trained):
     assert meas.activation_ratio == pytest.approx(0.3, abs=0.01)
     assert meas.ppl_ratio > 1.0
     assert meas.thresholds is not None and meas.thresholds.kind == "abs"
+
+
+def test_metric_labels_read_as_the_paper_writes_them():
+    assert metric_label("ppl", {"p": 1.0}) == "CETT-PPL-1%"
+    assert metric_label("ppl", {"p": 0.5, "tau": 0.1}) == "CETT-PPL-0.5%"
+    assert metric_label("cett", {"tau": 0.2}) == "CETT (tau 0.2)"
+    assert metric_label("topk", {"k": 0.3, "mode": "per-token"}) == "Top-k (k 0.3, per-token)"
+    assert metric_label("fat", {"eps": 0.01}) == "FAT-eps (eps 0.01)"
+    assert metric_label("zero", {}) == "zero"
+    assert metric_label("ppl", {}) == "CETT-PPL"  # an old thresholds.json without its parameters
 
 
 # --- CETT-PPL-p%: fast against the authors' reference -----------------------------------------------------

@@ -57,6 +57,12 @@ class Measurement:
     def sparsity(self) -> float:
         return 1.0 - self.activation_ratio
 
+    @property
+    def label(self) -> str:
+        """The metric as the paper writes it, for titles and summaries: CETT-PPL-1%, CETT (tau 0.2),
+        Top-k (k 0.3, pooled), FAT-eps (eps 0.01), zero; '(static)' for exported thresholds re-applied."""
+        return metric_label(self.metric, self.params) + (" (static)" if self.regime == "static" else "")
+
     def to_json(self) -> dict:
         d = asdict(self)
         for k in ("thresholds", "token_ratio", "neuron_frequency"):
@@ -84,7 +90,7 @@ class Measurement:
 
     def summary(self) -> str:
         lines = [f"model {self.model} ({self.activation}), {self.tokens} tokens ({self.positions} positions), "
-                 f"{self.batches} batches, metric {self.metric} {self.params}",
+                 f"{self.batches} batches, {self.label}",
                  f"  dense PPL {self.ppl_dense:.3f}  sparse PPL {self.ppl_sparse:.3f}  "
                  f"PPL ratio {self.ppl_ratio:.5f}",
                  f"  activation ratio {self.activation_ratio:.4f}  (sparsity {100 * self.sparsity:.2f}%)"
@@ -96,6 +102,20 @@ class Measurement:
             lines.append(f"  search {self.search['method']}: {self.search['evaluations']} evaluations, "
                          f"{self.search['full_passes']:.1f} passes over the data, {self.search['seconds']:.1f} s")
         return "\n".join(lines)
+
+
+def metric_label(metric: str, params: dict) -> str:
+    """A metric and its parameter as the paper writes them (parameters missing from `params` are left out)."""
+    p = params
+    if metric == "ppl" and "p" in p:
+        return f"CETT-PPL-{p['p']:g}%"
+    if metric == "cett" and "tau" in p:
+        return f"CETT (tau {p['tau']:g})"
+    if metric == "topk" and "k" in p:
+        return f"Top-k (k {p['k']:g}, {p.get('mode', 'pooled')})"
+    if metric == "fat" and "eps" in p:
+        return f"FAT-eps (eps {p['eps']:g})"
+    return {"ppl": "CETT-PPL", "cett": "CETT", "topk": "Top-k", "fat": "FAT-eps"}.get(metric, metric)
 
 
 def _check_params(metric: str, p: float | None, tau: float | None, k: float | None, eps: float | None) -> None:

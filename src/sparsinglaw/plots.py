@@ -40,7 +40,8 @@ def layer_ratios(meas, path: str | os.PathLike) -> Path:
     ax.axhline(meas.activation_ratio, color="k", ls="--", lw=1, label=f"mean {meas.activation_ratio:.3f}")
     ax.set_xlabel("layer")
     ax.set_ylabel("activation ratio")
-    ax.set_title(f"{meas.model}: {meas.metric} {meas.params}", fontsize=10)
+    tau = f", tau {meas.cett:.4g}" if meas.cett is not None and meas.metric == "ppl" else ""
+    ax.set_title(f"{meas.model}: {meas.label}{tau}, PPL ratio {meas.ppl_ratio:.4f}", fontsize=10)
     ax.legend()
     return _save(fig, path)
 
@@ -77,7 +78,7 @@ def token_heatmap(meas, path: str | os.PathLike) -> Path:
     import numpy as np
 
     fig, _ = _layer_heatmap(np.asarray(meas.token_ratio), xlabel="token position", vmin=0,
-                            title=f"{meas.model}: per-token activation ratio ({meas.metric})")
+                            title=f"{meas.model}: per-token activation ratio, {meas.label}")
     return _save(fig, path)
 
 
