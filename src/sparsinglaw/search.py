@@ -461,6 +461,7 @@ class BatchState:
 
     @property
     def search(self) -> ThresholdSearch:
+        """The memoised threshold search; its grids are read back here, at first use."""
         if self._search is None:
             t0 = time.perf_counter()
             with self.side.run():
