@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -209,20 +209,14 @@ def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", ca
 class LaunchedPass:
     """A pass queued on the device and not read back yet; `result()` waits for it (one host sync)."""
 
-    loss: torch.Tensor
-    kept: torch.Tensor
-    tokens: int
-    d_ff: int
-    dense_h: list[torch.Tensor] | None
-    neuron_kept: torch.Tensor | None
-    token_ratio: torch.Tensor | None
+    loss: torch.Tensor  # still on the device
+    pending: PassResult  # everything else (its loss a placeholder until `result()`)
 
     def result(self) -> PassResult:
         loss = self.loss.item()
         if not math.isfinite(loss):
             raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
-        return PassResult(loss=loss, kept=self.kept, tokens=self.tokens, d_ff=self.d_ff, dense_h=self.dense_h,
-                          neuron_kept=self.neuron_kept, token_ratio=self.token_ratio)
+        return replace(self.pending, loss=loss)
 
 
 @torch.no_grad()
@@ -237,8 +231,9 @@ def launch_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all",
         captured = None
     else:
         loss, kept, neuron_kept, token_ratio, captured = _pass(m, ids, rule, positions, capture, detail)
-    return LaunchedPass(loss=loss, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
-                        dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio)
+    return LaunchedPass(loss, PassResult(loss=math.nan, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
+                                         dense_h=captured if capture else None, neuron_kept=neuron_kept,
+                                         token_ratio=token_ratio))
 
 
 def n_counted(ids: torch.Tensor, positions: str) -> int:
