@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import math
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ COMPRESSED = {".xz": lzma.decompress, ".gz": gzip.decompress, ".bz2": bz2.decomp
 NAMED_SOURCES = ("prose", "stdlib", "site-packages")
 EOS_TOKEN = "<|endoftext|>"
 CORPUS_VERSION = 2  # 2: corpus.json records the per-source mix
+TOKENIZER_CHARS = 120_000_000  # BPE is trained on at most about this much text (a spread-out sample)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", "node_modules"}
 
 
@@ -274,6 +276,15 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
     return train, val
 
 
+def tokenizer_sample(docs: Sequence[str], max_chars: int) -> list[str]:
+    """Every k-th document, k chosen so the sample holds about `max_chars` characters (all of them when
+    the corpus is smaller): BPE merges learnt from a spread-out sample of a few hundred MB are as good as
+    from everything, and the trainer's time grows with its input."""
+    total = sum(len(d) for d in docs)
+    k = max(1, math.ceil(total / max_chars))
+    return list(docs[::k])
+
+
 def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer (GPT-2 style, one special token <|endoftext|>) trained on `docs`,
     wrapped as a transformers fast tokenizer so it saves and loads with the checkpoints."""
@@ -434,7 +445,8 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     log(f"corpus: {n_read} documents, {n_read - len(docs)} duplicates dropped, "
         f"{len(train_docs)} train / {len(val_docs)} val, {chars / 1e6:.1f}M characters")
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(train_docs, vocab_size)
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(
+        tokenizer_sample(train_docs, TOKENIZER_CHARS), vocab_size)
     n_vocab = len(tok)
     dtype = np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ class Plan:
     path: Path
     text: str
     sources: list[str]  # resolved: absolute paths or NAMED_SOURCES names
+    source_args: list[str]  # as written in the plan (relative to it): what identifies the data anywhere
     vocab_size: int | None
     val_fraction: float
     tokenizer: str | None
@@ -96,12 +97,13 @@ class Plan:
     runs: list[RunSpec] = field(default_factory=list)
 
     def data_settings(self) -> dict:
-        return {"sources": self.sources, "vocab_size": self.vocab_size, "val_fraction": self.val_fraction,
+        """The data as the plan states it (machine-independent: a study folder can move between machines)."""
+        return {"sources": self.source_args, "vocab_size": self.vocab_size, "val_fraction": self.val_fraction,
                 "tokenizer": self.tokenizer}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "plan_file": str(self.path),
-                "data": self.data_settings(), "tracking": self.tracking,
+                "data": self.data_settings(), "resolved_sources": self.sources, "tracking": self.tracking,
                 "runs": [r.to_dict() for r in self.runs]}
 
 
@@ -309,6 +311,7 @@ def load_plan(path: str | Path) -> Plan:
         raise UserError(f"plan {path} is not valid TOML: {e}") from None
     sources, tracking, runs = expand(raw, path.resolve().parent)
     data = raw.get("data", {})
+    args = data.get("sources", ["stdlib"])
     vocab = _number(data["vocab_size"], "[data] vocab_size") if "vocab_size" in data else None
     val = _number(data.get("val_fraction", 0.01), "[data] val_fraction", float)
     if not val < 1:
@@ -317,7 +320,8 @@ def load_plan(path: str | Path) -> Plan:
     if not isinstance(name, str) or not name:
         raise UserError("the plan's name must be a non-empty string")
     return Plan(name=name, description=str(raw.get("description", "")), path=path.resolve(), text=text,
-                sources=sources, vocab_size=vocab, val_fraction=val,
+                sources=sources, source_args=[args] if isinstance(args, str) else list(args),
+                vocab_size=vocab, val_fraction=val,
                 tokenizer=str(data["tokenizer"]) if "tokenizer" in data else None, tracking=tracking,
                 runs=runs)
 

@@ -143,6 +143,7 @@ def run_study_run(spec: RunSpec, run_dir: Path, corpus: Path, tracking: dict, op
     """One run: train (resuming), track, measure domains, write run.json. False if stopped for time."""
     from sparsinglaw.track import OnlineTracker, track
     from sparsinglaw.train import list_checkpoints, train
+    from sparsinglaw.train.checkpoint import PAUSE_FILE
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "spec.json", spec.to_dict())
@@ -152,8 +153,9 @@ def run_study_run(spec: RunSpec, run_dir: Path, corpus: Path, tracking: dict, op
     t0 = time.time()
     if not cks or cks[-1].step < total:
         hook = OnlineTracker(p=tracking["p"], device=opts.device, log=log) if tracking["online"] else None
-        res = train(cfg, resume=(run_dir / "config.json").is_file(), on_checkpoint=hook, log=log,
-                    deadline=deadline)
+        # resume only from a state on this machine (a run folder carried from elsewhere has none)
+        resume = bool(cks) or (run_dir / PAUSE_FILE).is_file()
+        res = train(cfg, resume=resume, on_checkpoint=hook, log=log, deadline=deadline)
         _add_time(run_dir, "train_s", time.time() - t0)
         if res.stopped:
             return False
