@@ -38,10 +38,10 @@ def finished_runs(out: Path) -> list[dict]:
 
 def _fit_row(ft: Any, run: dict) -> dict:
     """One run's law: form, parameters with intervals, the baselines' ΔAIC, A0, trend direction."""
-    from sparsinglaw.laws import LAW_FORMS
+    from sparsinglaw.laws import BASELINE_FORMS, LAW_FORMS
 
     fj = ft.to_json()
-    base = {k: v for k, v in fj["baselines"].items()}
+    base = {k: v for k, v in fj["baselines"].items() if k in BASELINE_FORMS}
     d_aic = {k: (fj["aic"] - v["aic"]) if (v.get("success") and fj["aic"] is not None and v["aic"] is not None)
              else None for k, v in base.items()}
     A = ft.series.activation_ratio

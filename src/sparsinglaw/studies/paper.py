@@ -47,8 +47,8 @@ def _fmt_ci(v: float | None, ci: list | None, pct: bool = True) -> str:
     return f(v) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci and None not in ci else " (no interval)")
 
 
-def _row(finding: str, ours: str, paper: str, verdict: str, reason: str, source: str) -> dict:
-    return {"finding": finding, "ours": ours, "paper": paper, "verdict": verdict, "reason": reason,
+def _row(key: str, finding: str, ours: str, paper: str, verdict: str, reason: str, source: str) -> dict:
+    return {"key": key, "finding": finding, "ours": ours, "paper": paper, "verdict": verdict, "reason": reason,
             "source": source}
 
 
@@ -74,7 +74,7 @@ def _trend_rows(fits: list[dict]) -> list[dict]:
         reason = ("" if verdict == "agree" else
                   "the law does not beat a baseline by AIC on some runs, or the trend is within noise: "
                   "at this scale (tiny models, few tokens per step) the curve may still be in its early phase")
-        rows.append(_row(f"{act.upper()}: activation ratio {word} with training data (convergent law)",
+        rows.append(_row(f"{act}-trend", f"{act.upper()}: activation ratio {word} with training data (convergent law)",
                          "; ".join(parts), f"{word}; A0 {paper_a0} (0.1B-1.2B)", verdict, reason,
                          SOURCE["activation"]))
     return rows
@@ -102,14 +102,14 @@ def _relu_vs_silu(fits: list[dict]) -> list[dict]:
                               f"({100 * rel:+.1f}%)")
             loss_v.append("agree" if abs(rel) <= SIMILAR_LOSS else "disagree")
     v = verdicts[0] if len(set(verdicts)) == 1 else "inconclusive"
-    rows.append(_row("ReLU ends far sparser than SiLU (limit A0)", "; ".join(ours),
+    rows.append(_row("relu-vs-silu", "ReLU ends far sparser than SiLU (limit A0)", "; ".join(ours),
                      "ReLU A0 ≈ 6-8% vs SiLU ≈ 38-41%", v,
                      "" if v == "agree" else "intervals overlap: too few tokens or too much noise to separate them",
                      SOURCE["activation"]))
     if loss_parts:
         lv = loss_v[0] if len(set(loss_v)) == 1 else "inconclusive"
-        rows.append(_row(f"ReLU and SiLU reach comparable loss (within {100 * SIMILAR_LOSS:.0f}%; one run each, "
-                         "no interval)", "; ".join(loss_parts), "comparable loss and downstream scores", lv,
+        rows.append(_row("loss", f"ReLU and SiLU reach comparable loss (within {100 * SIMILAR_LOSS:.0f}%; one run "
+                         "each, no interval)", "; ".join(loss_parts), "comparable loss and downstream scores", lv,
                          "" if lv == "agree" else "single runs: seed noise is not measured",
                          SOURCE["loss"]))
     return rows
@@ -138,6 +138,7 @@ def _scale_rows(scale: list[dict]) -> list[dict]:
             v = "inconclusive"
         p0, p1 = SCALE_SPREAD[act]
         rows.append(_row(
+            f"{act}-scale",
             f"{act.upper()}: limit A0 only weakly related to size (spread ≤ {100 * WEAK_SPREAD:.0f} points)",
             "; ".join(f"{p['non_embedding_params'] / 1e6:.2f}M {_fmt_ci(p['A0'], p['A0_ci'])}" for p in pts)
             + f"; spread {100 * spread:.2f} points (interval-supported {100 * lo_gap:.2f}-{100 * hi_gap:.2f})",
@@ -152,7 +153,8 @@ def _width_depth_rows(wd: dict | None) -> list[dict]:
         return []
     fit = wd.get("fit")
     if not fit:
-        return [_row("Limit ratio rises linearly with d_h/L below a bottleneck", wd.get("message") or "no fit",
+        return [_row("width-depth", "Limit ratio rises linearly with d_h/L below a bottleneck",
+                     wd.get("message") or "no fit",
                      f"breakpoint ≈ {WIDTH_DEPTH['breakpoint']:.0f}, plateau ≈ 8%", "inconclusive",
                      "too few width-depth shapes finished", SOURCE["width_depth"])]
     p, ci = fit["params"], fit.get("ci", {})
@@ -163,7 +165,7 @@ def _width_depth_rows(wd: dict | None) -> list[dict]:
         v = "disagree"
     else:
         v = "inconclusive"
-    rows = [_row("Limit ratio rises linearly with d_h/L below a bottleneck (deeper is sparser)",
+    rows = [_row("width-depth", "Limit ratio rises linearly with d_h/L below a bottleneck (deeper is sparser)",
                  f"slope {_fmt_ci(p['slope'], slope_ci, pct=False)} per unit d_h/L; breakpoint "
                  f"{_fmt_ci(p['breakpoint'], ci.get('breakpoint'), pct=False)}; plateau "
                  f"{_fmt_ci(p['plateau'], ci.get('plateau'))}",
@@ -173,7 +175,8 @@ def _width_depth_rows(wd: dict | None) -> list[dict]:
     best = wd.get("best_loss_ratio")
     if best is not None:
         lo, hi = WIDTH_DEPTH["stable_interval"]
-        rows.append(_row("Best loss at a moderate d_h/L (very deep models train badly); one run per shape",
+        rows.append(_row("best-shape",
+                         "Best loss at a moderate d_h/L (very deep models train badly); one run per shape",
                          f"lowest final val loss at d_h/L = {best:.3g}",
                          f"stable interval {lo:.0f}-{hi:.0f} at 0.1B", "inconclusive",
                          "a single seed per shape and a 60x smaller model: the stable interval need not "
@@ -191,7 +194,7 @@ def _frequency_rows(summary: dict) -> list[dict]:
     if dead:
         worst = max(dead.values())
         v = "agree" if worst <= 0.01 else "disagree" if worst > 0.05 else "inconclusive"
-        rows.append(_row("Dead neurons (active on < 0.1% of tokens) stay rare at the end of training",
+        rows.append(_row("dead-neurons", "Dead neurons (active on < 0.1% of tokens) stay rare at the end of training",
                          "; ".join(f"{k} {100 * x:.2f}%" for k, x in dead.items()),
                          f"{100 * DEAD_NEURONS_01B_RELU:.2f}% (0.1B ReLU)", v,
                          "" if v == "agree" else "small models and short runs: more neurons die or never "
@@ -204,8 +207,8 @@ def _frequency_rows(summary: dict) -> list[dict]:
                 meds.setdefault(dname, {})[name] = q["q50"]
     parts = [f"{dn}: median frequency " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for dn, m in meds.items()]
     if parts:
-        rows.append(_row("Neuron frequency distributions are similar across sizes (read the figure; no test "
-                         "statistic)", "; ".join(parts), "scale-insensitive distributions except first/last "
+        rows.append(_row("frequency", "Neuron frequency distributions are similar across sizes (read the figure; "
+                         "no test statistic)", "; ".join(parts), "scale-insensitive distributions except first/last "
                          "layers", "inconclusive", "shape judged by eye from the figure", SOURCE["frequency"]))
     return rows
 
@@ -220,7 +223,7 @@ def _coefficient_rows(fits: list[dict]) -> list[dict]:
             continue
         keys = [k for k in ("alpha", "b", "c", "A0") if k in f["params"]]
         ours = ", ".join(f"{k} {_fmt_ci(f['params'][k], f['ci'].get(k), pct=False)}" for k in keys)
-        rows.append(_row(f"Fitted coefficients, {f['name']} ({f['form']} law)", ours,
+        rows.append(_row(f"coefficients-{f['name']}", f"Fitted coefficients, {f['name']} ({f['form']} law)", ours,
                          ", ".join(f"{k} {paper[k]}" for k in keys if k in paper) + " (0.1B)", "inconclusive",
                          "alpha, b, c are not comparable across a 20-100x smaller model and data budget "
                          "(the paper's own fits move a lot with dropped checkpoints); compare A0 and the trend",
@@ -233,7 +236,7 @@ def compare(summary: dict[str, Any]) -> list[dict]:
     fits = summary.get("fits") or []
     rows = (_trend_rows(fits) + _relu_vs_silu(fits) + _scale_rows(summary.get("scale") or [])
             + _width_depth_rows(summary.get("width_depth")) + _frequency_rows(summary) + _coefficient_rows(fits))
-    rows.append(_row("CETT gives the lowest PPL at equal sparsity; 2.4B model decodes 4.1x faster",
+    rows.append(_row("out-of-scope", "CETT gives the lowest PPL at equal sparsity; 2.4B model decodes 4.1x faster",
                      "not tested by a study (see `sparsinglaw tradeoff` and the sparse inference benchmarks)",
                      "CETT best of four metrics; 93.52% limit sparsity at 2.4B", "inconclusive",
                      "outside this command's scope", "paper: metric comparison and acceleration"))
