@@ -170,12 +170,26 @@ def _plan_text(out: Path) -> str:
     return p.read_text() if p.is_file() else json.dumps(json.loads((out / "plan.json").read_text()), indent=1)
 
 
+def comparison_markdown(summary: dict) -> str:
+    """The "paper vs this study" table as Markdown (for docs/reproduction.md)."""
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"Study `{summary['plan']['name']}`: {len(summary['finished'])} of {len(summary['plan']['runs'])} "
+             "runs finished.", "", "| finding | this study | paper | verdict | likely reason |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {cell(r['finding'])} | {cell(r['ours'])} | {cell(r['paper'])} | **{r['verdict']}** | "
+              f"{cell(r['reason'])} |" for r in summary.get("comparison") or []]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: str | Path) -> Path:
-    """(Re)build DIR/report.html from DIR/summary.json and the PNGs on disk."""
+    """(Re)build DIR/report.html (and DIR/comparison.md) from DIR/summary.json and the PNGs on disk."""
     out = Path(out)
     if not (out / "summary.json").is_file():
         raise UserError(f"{out} holds no summary.json; run `sparsinglaw study PLAN --out {out}` first "
                         "(a study writes it once a run has finished)")
     path = out / "report.html"
     atomic_write_text(path, build_html(out))
+    atomic_write_text(out / "comparison.md", comparison_markdown(json.loads((out / "summary.json").read_text())))
     return path
