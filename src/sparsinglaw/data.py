@@ -356,7 +356,7 @@ def _doc_key(doc: str) -> bytes:
 
 
 def _count(mix: list[dict], origin: dict, doc: str, key: str, n: int) -> None:
-    mix[origin[_doc_key(doc)]][key] += n
+    mix[origin[id(doc)]][key] += n
 
 
 def _source_name(source: str | Path) -> str:
@@ -432,10 +432,8 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
         per_source = [_builtin_prose(), default_documents()[len(_builtin_prose()):]]
         names = [names[0], ", ".join(names[1:])]
     docs = [d for part in per_source for d in part]
-    origin = {}  # normalised-text hash -> source index of its first copy (the one dedup keeps)
-    for i, part in enumerate(per_source):
-        for d in part:
-            origin.setdefault(_doc_key(d), i)
+    # id of each document object -> its source (dedup and the split keep the objects themselves)
+    origin = {id(d): i for i, part in enumerate(per_source) for d in part}
     n_read = len(docs)
     docs = dedup(docs)
     if not docs or sum(len(d) for d in docs) == 0:
@@ -456,7 +454,7 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
         mix = [{"source": n, "documents": 0, "characters": 0, "train_tokens": 0, "val_tokens": 0}
                for n in names]
         for d in docs:
-            m = mix[origin[_doc_key(d)]]
+            m = mix[origin[id(d)]]
             m["documents"] += 1
             m["characters"] += len(d)
         n_train = _write_tokens(tok, train_docs, stage / "train.bin", dtype,
