@@ -116,6 +116,10 @@ def run_study(plan: Plan, out: str | Path, opts: StudyOptions | None = None,
     corpus = get_corpus(plan.sources, vocab_size=plan.vocab_size or 8192, tokenizer=plan.tokenizer,
                         val_fraction=plan.val_fraction, log=log)
     atomic_write_json(out / "corpus.json", {"path": str(corpus.path), **corpus.meta})
+    if corpus.meta["val_tokens"] < plan.tracking["tokens"]:
+        log(f"warning: the validation split has {corpus.meta['val_tokens']:,} tokens, fewer than the "
+            f"{plan.tracking['tokens']:,} per checkpoint the plan tracks with; every measurement uses all of "
+            "them (raise [data] val_fraction for more)")
     result = StudyResult(out)
     for spec in runs:
         run_dir = out / "runs" / spec.name
