@@ -145,10 +145,13 @@ def run_study(plan: Plan, out: str | Path, opts: StudyOptions | None = None,
 def run_study_run(spec: RunSpec, run_dir: Path, corpus: Path, tracking: dict, opts: StudyOptions,
                   deadline: float | None, log: Callable[[str], Any]) -> bool:
     """One run: train (resuming), track, measure domains, write run.json. False if stopped for time."""
+    import torch
+
     from sparsinglaw.track import OnlineTracker, track
     from sparsinglaw.train import list_checkpoints, train
     from sparsinglaw.train.checkpoint import PAUSE_FILE
 
+    torch._dynamo.reset()  # a fresh compile cache per run: guards of earlier runs' models must not pile up
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "spec.json", spec.to_dict())
     cfg = train_config(spec, run_dir, corpus, opts)
