@@ -290,3 +290,71 @@ def test_comparison_verdicts_follow_their_rules() -> None:
     assert rows[0]["verdict"] == "disagree"
     rows = compare({"fits": [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls", d_aic=3.0)]})
     assert rows[0]["verdict"] == "inconclusive"  # a baseline fits as well: no claim without support
+
+
+# --- analysis of a width-depth family (synthetic runs with a known law) ----------------------------------
+
+def _fake_study(tmp_path: Path, shapes: list[tuple[int, int]], a0_of, loss_of) -> Path:
+    """A study folder as the runner leaves it, with series drawn from the ReLU law around known limits."""
+    from sparsinglaw.io import atomic_write_json
+    from sparsinglaw.studies.plan import RunSpec
+
+    out = tmp_path / "wd"
+    rng = np.random.default_rng(0)
+    specs = []
+    for d, n in shapes:
+        spec = RunSpec(name=f"relu-d{d}-l{n}", preset="tiny", d_model=d, n_layers=n, head_dim=16, activation="relu",
+                       tokens=10**9, checkpoints=24, first_checkpoint=0.01, seed=0, seq_len=32, batch_size=4,
+                       grad_accum=1, lr=0.01, family="width-depth")
+        specs.append(spec.to_dict())
+        tokens = np.geomspace(1e7, 1e9, 24)
+        a0 = a0_of(d / n)
+        ratio = np.exp(-3.0 * (tokens / 1e9) ** 0.5 - 1.0) + a0 + rng.normal(0, 2e-4, 24)
+        rd = out / "runs" / spec.name
+        atomic_write_json(rd / "series.json", {
+            "name": spec.name, "activation": "relu", "non_embedding_params": spec.non_embedding_params,
+            "width": d, "depth": n, "tokens": tokens.tolist(), "activation_ratio": ratio.tolist(), "tau": 0.1})
+        atomic_write_json(rd / "run.json", {
+            "name": spec.name, "spec": spec.to_dict(), "tokens_trained": 10**9, "tokens_per_param": 500.0,
+            "epochs": 1.0, "tokens_per_s": 1e6, "mfu": 0.1, "device": "cuda", "dtype": "bf16",
+            "final_val_loss": loss_of(d / n), "final_train_loss": 3.0, "times": {}, "loss_curve": [],
+            "val_curve": []})
+    atomic_write_json(out / "plan.json", {"name": "wd", "description": "", "runs": specs, "data": {},
+                                          "tracking": {}})
+    return out
+
+
+def test_width_depth_family_is_fitted_for_ratio_and_loss(tmp_path: Path) -> None:
+    from sparsinglaw.studies.analysis import analyse
+
+    def hinge(r, plateau, slope, bp):
+        return plateau + slope * np.minimum(r - bp, 0)
+
+    shapes = [(64, 32), (64, 16), (96, 12), (128, 8), (160, 5), (192, 3), (256, 2), (384, 1)]  # r 2 .. 384
+    out = _fake_study(tmp_path, shapes, lambda r: hinge(r, 0.08, 0.0004, 40.0),
+                      lambda r: hinge(r, 3.0, -0.01, 20.0))
+    s = analyse(out, log=lambda _m: None)
+    wd = s["width_depth"]
+    fit = wd["fit"]
+    assert fit["success"] and fit["ci"]["slope"][0] > 0
+    assert fit["params"]["plateau"] == pytest.approx(0.08, abs=0.003)
+    lf = wd["loss_fit"]
+    # independent check: brute-force least squares over breakpoints on the raw losses
+    r = np.array([p["ratio"] for p in wd["points"]])
+    y = np.array([p["final_val_loss"] for p in wd["points"]])
+    best = None
+    for bp in np.geomspace(r.min(), r.max(), 4000):
+        X = np.stack([np.ones_like(r), np.minimum(r - bp, 0)], 1)
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        sse = float(((X @ coef - y) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, bp, coef)
+    assert lf["params"]["breakpoint"] == pytest.approx(best[1], rel=0.05)
+    assert lf["params"]["plateau"] == pytest.approx(best[2][0], abs=1e-3)
+    assert lf["params"]["slope"] == pytest.approx(best[2][1], rel=0.02)
+    assert wd["best_loss_ratio"] >= 20
+    assert {r["key"] for r in s["comparison"]} >= {"width-depth", "best-shape"}
+    assert next(r for r in s["comparison"] if r["key"] == "width-depth")["verdict"] == "agree"
+    page = (out / "report.html").read_text()
+    assert "Width-depth ratio" in page and (out / "fits" / "widthdepth.png").is_file()
+    assert (out / "figures" / "width_depth_loss.png").is_file()

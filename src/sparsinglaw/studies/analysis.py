@@ -82,8 +82,9 @@ def analyse(out: str | Path, log: Callable[[str], Any] = print) -> dict:
         laws.save_fits(fits, stage)
         if wd is not None:
             laws.save_width_depth(wd, stage)
+    wd_summary = width_depth_summary(wd, wd_runs, wd_message)
     with staged_dir(out / "figures") as stage:
-        figs = figures.write_all(runs, wd_runs, stage)
+        figs = figures.write_all(runs, wd_runs, stage, (wd_summary or {}).get("loss_fit"))
     corpus = json.loads((out / "corpus.json").read_text()) if (out / "corpus.json").is_file() else {}
     rows = [_fit_row(ft, r) for r, ft in zip(runs, fits)]
     summary = {
@@ -93,7 +94,7 @@ def analyse(out: str | Path, log: Callable[[str], Any] = print) -> dict:
         "runs": [{k: v for k, v in r.items() if k not in ("series", "series_path", "domains")} for r in runs],
         "fits": rows,
         "scale": scale_rows(rows),
-        "width_depth": width_depth_summary(wd, wd_runs, wd_message),
+        "width_depth": wd_summary,
         "domains": {r["name"]: r["domains"] for r in runs if r.get("domains")},
         "figures": {k: Path(v).name for k, v in figs.items()},
     }
@@ -135,4 +136,23 @@ def width_depth_summary(wd: Any, wd_runs: list, message: str) -> dict | None:
     losses = [p for p in pts if p["final_val_loss"] is not None and math.isfinite(p["final_val_loss"])]
     best = min(losses, key=lambda p: p["final_val_loss"]) if losses else None
     return {"points": pts, "fit": wd.to_json() if wd is not None else None, "message": message,
-            "best_loss_ratio": best["ratio"] if best else None}
+            "best_loss_ratio": best["ratio"] if best else None, "loss_fit": loss_hinge(losses)}
+
+
+def loss_hinge(points: list[dict]) -> dict | None:
+    """The same linear-then-flat law fitted to the final validation loss against d_h/L (the paper: very
+    deep models train worse, then loss is flat). The law is fitted to loss / s with s = 2 x max loss (the
+    fitter takes fractions); slope, plateau and their intervals are scaled back, the breakpoint is not."""
+    from sparsinglaw.laws import fit_width_depth
+
+    if len({p["ratio"] for p in points}) < 4:
+        return None
+    scale = 2 * max(p["final_val_loss"] for p in points)
+    ft = fit_width_depth([p["ratio"] for p in points], [p["final_val_loss"] / scale for p in points],
+                         names=[p["name"] for p in points], bootstrap=BOOTSTRAP)
+    back = {"slope": scale, "plateau": scale, "breakpoint": 1.0}
+    return {"formula": "loss = plateau + slope*min(r - breakpoint, 0), r = d_h/L",
+            "params": {k: v * back[k] for k, v in ft.params.items()},
+            "ci": {k: [x * back[k] for x in v] for k, v in ft.ci.items()},
+            "ratio": ft.ratio, "curve_ratio": ft.band.get("ratio", []),
+            "curve": [c * scale for c in ft.band.get("curve", [])]}

@@ -11,7 +11,7 @@ import numpy as np
 from sparsinglaw.plots import _figure, _finish, _law_color, _save
 
 
-def write_all(runs: list[dict], wd_runs: list, folder: Path) -> dict[str, Path]:
+def write_all(runs: list[dict], wd_runs: list, folder: Path, loss_fit: dict | None = None) -> dict[str, Path]:
     """Every study figure that the finished runs support; {key: path}."""
     figs: dict[str, Path] = {}
     if runs:
@@ -20,7 +20,8 @@ def write_all(runs: list[dict], wd_runs: list, folder: Path) -> dict[str, Path]:
         if any(r.get("domains") for r in runs):
             figs["frequency"] = neuron_frequency(runs, folder / "neuron_frequency_domains.png")
     if len(wd_runs) >= 2:
-        figs["width_depth_loss"] = width_depth_loss([r for r, _ in wd_runs], folder / "width_depth_loss.png")
+        figs["width_depth_loss"] = width_depth_loss([r for r, _ in wd_runs], folder / "width_depth_loss.png",
+                                                    loss_fit)
     return figs
 
 
@@ -101,9 +102,14 @@ def neuron_frequency(runs: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def width_depth_loss(runs: list[dict], path: Path) -> Path:
-    """Final validation loss against the width-depth ratio d_h/L (log axis) for the width-depth family."""
+def width_depth_loss(runs: list[dict], path: Path, fit: dict | None = None) -> Path:
+    """Final validation loss against the width-depth ratio d_h/L (log axis) for the width-depth family,
+    with the fitted linear-then-flat curve and its breakpoint when there is one."""
     fig, ax = _figure()
+    if fit and fit.get("curve"):
+        bp = fit["params"]["breakpoint"]
+        ax.plot(fit["curve_ratio"], fit["curve"], color="#555555", lw=1, label=f"hinge fit, breakpoint {bp:.3g}")
+        ax.axvline(bp, color="#555555", ls=":", lw=1)
     pts = sorted((r["spec"]["d_model"] / r["spec"]["n_layers"], r.get("final_val_loss"), r["name"])
                   for r in runs if r.get("final_val_loss") is not None)
     if pts:

@@ -116,6 +116,12 @@ def build_html(out: Path) -> str:
                          f"plateau {100 * p['plateau']:.2f}%. {_e(fit['message'])}</p>")
         elif wd.get("message"):
             parts.append(f"<p>{_e(wd['message'])}</p>")
+        lf = wd.get("loss_fit")
+        if lf:
+            p, ci = lf["params"], lf["ci"]
+            parts.append(f"<p>Final validation loss, same law: slope {p['slope']:.3g} {_e(ci.get('slope'))}, "
+                         f"breakpoint {p['breakpoint']:.3g} {_e(ci.get('breakpoint'))}, plateau "
+                         f"{p['plateau']:.4f}; lowest loss at d_h/L = {_num(wd.get('best_loss_ratio'), '.3g')}.</p>")
         parts.append(_table(["shape", "d_h/L", "non-emb params", "A0 [95% CI]", "final val loss"],
                             [[_e(p["name"]), f"{p['ratio']:.3g}", f"{p['non_embedding_params']:,}",
                               _pct_ci(p["A0"], p["A0_ci"]), _num(p["final_val_loss"], ".4f")] for p in wd["points"]]))
