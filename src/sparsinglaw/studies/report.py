@@ -131,7 +131,10 @@ def build_html(out: Path) -> str:
         parts.append(f"<figure>{_img(out / 'figures' / 'width_depth_loss.png', 'loss vs width-depth')}"
                      "<figcaption>final validation loss vs d_h/L</figcaption></figure></div>")
 
-    parts.append("<h2>Neuron activation frequency on two domains</h2>")
+    parts.append("<h2>Neuron activation frequency on two domains</h2><p>Final checkpoint of each run at its "
+                 "series' τ: the study's validation split (held-out documents of the training mix) and English "
+                 "prose (CPython's pydoc topics; part of the training text when the plan lists the source "
+                 "<code>prose</code>). The paper's Figure 9 finds these distributions insensitive to scale.</p>")
     parts.append(_img(out / "figures" / "neuron_frequency_domains.png", "neuron frequency per domain"))
     dom_rows = []
     for name, d in (s.get("domains") or {}).items():
