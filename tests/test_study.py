@@ -268,8 +268,10 @@ def test_every_figure_renders_in_a_headless_browser(study: dict) -> None:
 
 # --- the paper comparison ------------------------------------------------------------------------------------
 
-def _fit(name: str, act: str, n: float, a0: float, ci: list[float], trend: str, d_aic: float = -10.0) -> dict:
-    return {"name": name, "activation": act, "family": None, "non_embedding_params": n, "A0": a0, "A0_ci": ci,
+def _fit(name: str, act: str, n: float, a0: float, ci: list[float], trend: str, d_aic: float = -10.0,
+         conv: float | None = None, conv_ci: list | None = None) -> dict:
+    return {"converged_tokens": conv, "converged_ci": conv_ci,
+            "name": name, "activation": act, "family": None, "non_embedding_params": n, "A0": a0, "A0_ci": ci,
             "trend": trend, "selection": "auto: the ratio falls with data", "success": True,
             "delta_aic": {"log": d_aic, "sigmoid": d_aic}, "first_ratio": 0.2, "last_ratio": 0.1,
             "final_val_loss": 3.0, "params": {"A0": a0}, "ci": {"A0": ci}, "form": "relu"}
@@ -278,7 +280,8 @@ def _fit(name: str, act: str, n: float, a0: float, ci: list[float], trend: str, 
 def test_comparison_verdicts_follow_their_rules() -> None:
     from sparsinglaw.studies.paper import compare
 
-    fits = [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls"), _fit("r2", "relu", 4e6, 0.075, [0.07, 0.08], "falls"),
+    fits = [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls", conv=5e7, conv_ci=[4e7, 6e7]),
+            _fit("r2", "relu", 4e6, 0.075, [0.07, 0.08], "falls", conv=8e8, conv_ci=[6e8, 1e9]),
             _fit("s1", "silu", 1e6, 0.40, [0.38, 0.42], "rises"), _fit("s2", "silu", 4e6, 0.30, [0.28, 0.31], "rises")]
     scale = [{k: f[k] for k in ("name", "activation", "non_embedding_params", "A0", "A0_ci")} for f in fits]
     verdict = {r["key"]: r["verdict"] for r in compare({"fits": fits, "scale": scale})}
@@ -286,6 +289,8 @@ def test_comparison_verdicts_follow_their_rules() -> None:
     assert verdict["relu-scale"] == "agree"  # intervals span 6-8%: within 3 points
     assert verdict["silu-scale"] == "disagree"  # 0.31 vs 0.38: the intervals alone are 7 points apart
     assert verdict["relu-vs-silu"] == "agree"  # ReLU's interval lies below SiLU's at both sizes
+    assert verdict["relu-convergence"] == "agree"  # 40-60 vs 150-250 tokens per parameter
+    assert "silu-convergence" not in verdict  # no forecasts: no claim
     rows = compare({"fits": [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "rises")]})
     assert rows[0]["verdict"] == "disagree"
     rows = compare({"fits": [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls", d_aic=3.0)]})

@@ -55,7 +55,10 @@ def _fit_row(ft: Any, run: dict) -> dict:
             "delta_aic": d_aic, "best_by_aic": ft.best_by_aic, "A0": a0, "A0_ci": fj["ci"].get("A0"),
             "trend": "falls" if ft.form == "relu" else "rises", "first_ratio": float(A[0]),
             "last_ratio": float(A[-1]), "dropped": len(ft.dropped), "n": fj["n"], "warnings": ft.warnings,
-            "final_val_loss": run.get("final_val_loss"), "tau": run["series"]["tau"]}
+            "final_val_loss": run.get("final_val_loss"), "tau": run["series"]["tau"],
+            # the paper's convergence view: tokens until the fitted curve is within 1% of its limit
+            "converged_tokens": (ft.forecast.get("converged") or {}).get("tokens"),
+            "converged_ci": (ft.forecast.get("converged") or {}).get("interval")}
 
 
 def analyse(out: str | Path, log: Callable[[str], Any] = print) -> dict:

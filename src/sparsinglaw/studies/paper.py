@@ -148,6 +148,34 @@ def _scale_rows(scale: list[dict]) -> list[dict]:
     return rows
 
 
+def _convergence_rows(fits: list[dict]) -> list[dict]:
+    """Smaller models converge faster: tokens per parameter until the curve is within 1% of its limit."""
+    rows = []
+    for act in ("relu", "silu"):
+        pts = sorted((f for f in fits if f["activation"] == act and f["family"] != "width-depth"
+                      and f.get("converged_tokens")), key=lambda f: f["non_embedding_params"])
+        if len(pts) < 2:
+            continue
+        tpp = [(f["name"], f["converged_tokens"] / f["non_embedding_params"],
+                [None if x is None else x / f["non_embedding_params"] for x in (f.get("converged_ci") or [None, None])])
+               for f in pts]
+        small, large = tpp[0][2], tpp[-1][2]
+        if None not in small + large and small[1] < large[0]:
+            v = "agree"
+        elif None not in small + large and small[0] > large[1]:
+            v = "disagree"
+        else:
+            v = "inconclusive"
+        ours = "; ".join(f"{n} {x:,.0f}" + (f" [{ci[0]:,.0f}, {ci[1]:,.0f}]" if None not in ci else
+                                              " (interval open)") for n, x, ci in tpp)
+        rows.append(_row(f"{act}-convergence", f"{act.upper()}: smaller models converge faster (tokens per "
+                         "parameter until within 1% of A0; smallest vs largest interval)", ours,
+                         "smaller models reach their limit at fewer tokens per parameter", v,
+                         "" if v == "agree" else "forecasts beyond the data carry wide intervals; the runs may "
+                         "stop before the curves bend", SOURCE["scale"]))
+    return rows
+
+
 def _width_depth_rows(wd: dict | None) -> list[dict]:
     if not wd:
         return []
@@ -234,7 +262,7 @@ def _coefficient_rows(fits: list[dict]) -> list[dict]:
 def compare(summary: dict[str, Any]) -> list[dict]:
     """Rows of the "paper vs this study" table from a study summary (see module docstring)."""
     fits = summary.get("fits") or []
-    rows = (_trend_rows(fits) + _relu_vs_silu(fits) + _scale_rows(summary.get("scale") or [])
+    rows = (_trend_rows(fits) + _relu_vs_silu(fits) + _scale_rows(summary.get("scale") or []) + _convergence_rows(fits)
             + _width_depth_rows(summary.get("width_depth")) + _frequency_rows(summary) + _coefficient_rows(fits))
     rows.append(_row("out-of-scope", "CETT gives the lowest PPL at equal sparsity; 2.4B model decodes 4.1x faster",
                      "not tested by a study (see `sparsinglaw tradeoff` and the sparse inference benchmarks)",
