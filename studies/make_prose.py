@@ -1,53 +1,53 @@
-"""English prose for the GPU studies, from two Debian packages: the GCIDE dictionary (dict-gcide) and the
-Python documentation's reST sources (python3-doc). Writes studies/data/*.jsonl.xz (git-ignored: carry the
-folder to the GPU machine); one JSON document per dictionary block or documentation page, so the corpus's
-document-level train/validation split can use them.
+"""Build the English-prose part of the study corpus from Debian packages: a folder of ~32 KB text files.
 
-    apt-get install -y dict-gcide python3-doc && python studies/make_prose.py
+The GPU machine has no network, so the prose travels with the working tree (git-ignored):
+    python studies/make_prose.py studies/data/prose     # apt-get download + dpkg -x; no root needed for those
+Sources: GCIDE (Webster 1913 + WordNet), FOLDOC, the Jargon File (dictd databases), fortunes, and the Python 3.11
+documentation's reStructuredText sources. Each becomes many documents, so that a corpus split by document keeps
+every source on both sides of its validation split.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
-import lzma
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")  # dictzip is gzip-compatible
-DOCS = Path("/usr/share/doc/python3-doc/html/_sources")
-OUT = Path(__file__).resolve().parent / "data"
-BLOCK = 8000  # characters per dictionary document (entries are never split)
+PACKAGES = ["dict-gcide", "dict-foldoc", "dict-jargon", "fortunes", "python3.11-doc"]
+CHUNK = 32_000  # characters per document
 
 
-def _write(name: str, docs: list[str]) -> None:
-    path = OUT / name
-    with lzma.open(path, "wt", encoding="utf-8", preset=6) as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    chars = sum(map(len, docs))
-    print(f"{path}: {len(docs):,} documents, {chars / 1e6:.1f}M characters, {path.stat().st_size / 1e6:.1f} MB")
+def _chunks(text: str, size: int = CHUNK):
+    start = 0
+    while start < len(text):
+        end = text.find("\n\n", start + size)
+        end = len(text) if end < 0 else end
+        yield text[start:end].strip()
+        start = end
 
 
-def main() -> None:
-    missing = [str(p) for p in (GCIDE, DOCS) if not p.exists()]
-    if missing:
-        sys.exit(f"missing {', '.join(missing)}; run: apt-get install -y dict-gcide python3-doc")
-    OUT.mkdir(exist_ok=True)
-    text = gzip.decompress(GCIDE.read_bytes()).decode("utf-8", errors="replace")
-    docs, cur, size = [], [], 0
-    for entry in text.split("\n\n"):
-        cur.append(entry)
-        size += len(entry)
-        if size >= BLOCK:
-            docs.append("\n\n".join(cur))
-            cur, size = [], 0
-    if cur:
-        docs.append("\n\n".join(cur))
-    _write("gcide.jsonl.xz", docs)
-    pages = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(DOCS.rglob("*.txt"))]
-    _write("python-docs.jsonl.xz", [p for p in pages if p.strip()])
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", *PACKAGES], cwd=tmp, check=True, capture_output=True)
+        for deb in Path(tmp).glob("*.deb"):
+            subprocess.run(["dpkg", "-x", str(deb), f"{tmp}/x"], check=True)
+        share = Path(tmp) / "x/usr/share"
+        sources = {p.name.split(".")[0]: gzip.open(p, "rt", errors="replace").read()
+                   for p in sorted((share / "dictd").glob("*.dict.dz"))}
+        sources["fortunes"] = "\n\n".join(p.read_text(errors="replace")
+                                          for p in sorted((share / "games/fortunes").glob("*"))
+                                          if p.is_file() and not p.suffix)
+        sources["pydocs"] = "\n\n".join(p.read_text(errors="replace")
+                                        for p in sorted(share.glob("doc/python3.11/html/_sources/**/*.txt")))
+    for name, text in sources.items():
+        n = 0
+        for n, chunk in enumerate(_chunks(text)):
+            (out / f"{name}-{n:05d}.txt").write_text(chunk + "\n")
+        print(f"{name}: {len(text) / 1e6:.1f} MB in {n + 1} documents")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "data" / "prose"))
