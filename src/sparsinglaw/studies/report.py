@@ -19,7 +19,7 @@ h1{font-size:24px}h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;margin:8px 0;font-size:12.5px}td,th{border:1px solid #ccc;padding:3px 7px;
 vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;height:auto}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:370px}figcaption{font-size:11px}
-.agree{background:#e3f6e3}.disagree{background:#fbe3e3}.inconclusive{background:#fff6d6}
+.agree{background:#e3f6e3}.partly{background:#e6eefc}.disagree{background:#fbe3e3}.inconclusive{background:#fff6d6}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}.muted{color:#777}
 """
 
@@ -71,9 +71,18 @@ def build_html(out: Path) -> str:
              f"<p>{len(s['finished'])} of {len(plan['runs'])} runs finished"
              + (f"; pending: {_e(', '.join(s['pending']))}" if s["pending"] else "") + ".</p>"]
 
-    parts.append("<h2>Paper vs this study</h2><p>Verdicts follow the rule stated in each finding; every number "
-                 "of ours carries its 95% bootstrap interval where one exists.</p>")
     comp = s.get("comparison") or []
+    head = [r for r in comp if not r["key"].startswith("coefficients-") and r["key"] != "out-of-scope"]
+    parts.append("<h2>Headline findings</h2>")
+    parts.append(_table(["finding", "verdict", "this study (in short)"],
+                        [[_e(r["finding"]), f"<b>{_e(r['verdict'])}</b>", _e(r.get("headline") or r["ours"])]
+                         for r in head], [r["verdict"] for r in head]))
+    parts.append(f"<figure>{_img(out / 'figures' / 'activation_vs_data.png', 'activation ratio vs data')}"
+                 "<figcaption>Activation ratio against tokens per parameter, with each activation's law on the "
+                 "range it was fitted on.</figcaption></figure>")
+    parts.append("<h2>Paper vs this study, in full</h2><p>Verdicts follow the rule stated in each finding; every "
+                 "number of ours carries its 95% interval where one exists (bootstrap for fitted parameters, "
+                 "± 3 standard errors of the curve's own noise for changes along a curve).</p>")
     parts.append(_table(["finding", "this study", "paper", "verdict", "likely reason", "paper source"],
                         [[_e(r["finding"]), _e(r["ours"]), _e(r["paper"]), f"<b>{_e(r['verdict'])}</b>",
                           _e(r["reason"]), _e(r["source"])] for r in comp], [r["verdict"] for r in comp]))
