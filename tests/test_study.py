@@ -448,7 +448,7 @@ def test_u_shaped_relu_and_unbounded_silu_are_reported_honestly(tmp_path: Path, 
     rows = {r["key"]: r for r in s["comparison"]}
     assert rows["relu-trend"]["verdict"] == "partly"
     head = rows["relu-trend"]["headline"]
-    assert "then rises again" in head and "tokens per parameter" in head
+    assert "then rise again" in head and "tokens per parameter" in head
     assert "rises 2" not in rows["relu-trend"]["ours"].split(";")[0]  # the direction word matches the data
     assert rows["silu-trend"]["verdict"] == "agree" and "not identified" in rows["silu-trend"]["reason"]
     assert rows["relu-vs-silu"]["verdict"] == "agree" and "final ReLU" in rows["relu-vs-silu"]["ours"]

@@ -136,8 +136,9 @@ def _trend_rows(fits: list[dict]) -> list[dict]:
         if verdict == "partly" and turned:
             tpp = [t["tokens_per_param"] for t in turned if t.get("tokens_per_param")]
             after = [abs(t["after"]) for t in turned]
-            head = (f"{len(turned)} of {len(mine)} runs {word} over the first {_span(tpp)} tokens per parameter, "
-                    f"then {other} again by {_span([100 * a for a in after], '.1f')} points "
+            verb = {"falls": "fall", "rises": "rise"}
+            head = (f"{len(turned)} of {len(mine)} runs {verb[word]} over the first {_span(tpp)} tokens per "
+                    f"parameter, then {verb[other]} again by {_span([100 * a for a in after], '.1f')} points "
                     f"(± {100 * max(t['half_width'] for t in turned):.1f}); over the whole run each still {word} "
                     f"{_span([abs(100 * f['shape']['change']) for f in mine], '.1f')} points" if all(
                         f["shape"]["direction"] == word for f in mine) else
@@ -240,8 +241,8 @@ def _scale_rows(scale: list[dict]) -> list[dict]:
             "; ".join(f"{p['non_embedding_params'] / 1e6:.2f}M {_fmt_ci(p['A0'], p['A0_ci'])}" for p in pts)
             + f"; spread {100 * spread:.2f} points (interval-supported {100 * lo_gap:.2f}-{100 * hi_gap:.2f})",
             f"{100 * p0:.1f}% -> {100 * p1:.1f}% from 0.1B to 1.2B", v,
-            ("" if v == "agree" else ("the limits differ by more than the paper's spread" if v == "disagree" else
-                                      "wide A0 intervals: the runs stop before the curve flattens"))
+            ("" if v == "agree" else ("the limits differ by more than the paper's spread." if v == "disagree" else
+                                      "wide A0 intervals: the runs stop before the curve flattens."))
             + (" A0 here is the limit of the phase before the turn (the curves turn back), so it is not the "
                "paper's end-of-training limit." if any(p.get("turned") for p in pts) else ""),
             SOURCE["scale"], f"A0 {_span([100 * x for x in a0], '.1f')}% across sizes, spread {100 * lo_gap:.1f}-"
