@@ -137,12 +137,14 @@ def _trend_rows(fits: list[dict]) -> list[dict]:
             tpp = [t["tokens_per_param"] for t in turned if t.get("tokens_per_param")]
             after = [abs(t["after"]) for t in turned]
             verb = {"falls": "fall", "rises": "rise"}
-            head = (f"{len(turned)} of {len(mine)} runs {verb[word]} over the first {_span(tpp)} tokens per "
-                    f"parameter, then {verb[other]} again by {_span([100 * a for a in after], '.1f')} points "
-                    f"(± {100 * max(t['half_width'] for t in turned):.1f}); over the whole run each still {word} "
-                    f"{_span([abs(100 * f['shape']['change']) for f in mine], '.1f')} points" if all(
-                        f["shape"]["direction"] == word for f in mine) else
-                    f"{len(turned)} of {len(mine)} runs turn back after {_span(tpp)} tokens per parameter")
+            who = "all" if len(turned) == len(mine) else f"{len(turned)} of"
+            if all(f["shape"]["direction"] == word for f in mine):
+                head = (f"{who} {len(mine)} runs {verb[word]} over the first {_span(tpp)} tokens per parameter, "
+                        f"then {verb[other]} again by {_span([100 * a for a in after], '.1f')} points (± "
+                        f"{100 * max(t['half_width'] for t in turned):.1f}); over the whole run each still {word} "
+                        f"{_span([abs(100 * f['shape']['change']) for f in mine], '.1f')} points")
+            else:
+                head = f"{who} {len(mine)} runs turn back after {_span(tpp)} tokens per parameter"
             reason = _turn_reason(mine, word)
         else:
             head = "; ".join(f"{f['name']} {f['shape']['direction']} {100 * f['shape']['change']:+.1f} ± "
@@ -245,8 +247,9 @@ def _scale_rows(scale: list[dict]) -> list[dict]:
                                       "wide A0 intervals: the runs stop before the curve flattens."))
             + (" A0 here is the limit of the phase before the turn (the curves turn back), so it is not the "
                "paper's end-of-training limit." if any(p.get("turned") for p in pts) else ""),
-            SOURCE["scale"], f"A0 {_span([100 * x for x in a0], '.1f')}% across sizes, spread {100 * lo_gap:.1f}-"
-            f"{100 * hi_gap:.1f} points (interval-supported)"))
+            SOURCE["scale"], f"A0 {_span([100 * x for x in a0], '.1f')}%"
+            + (" (of the phase before the turn)" if any(p.get("turned") for p in pts) else "")
+            + f" across sizes, spread {100 * lo_gap:.1f}-{100 * hi_gap:.1f} points (interval-supported)"))
     return rows
 
 
@@ -364,9 +367,16 @@ def _frequency_rows(summary: dict) -> list[dict]:
                 meds.setdefault(dname, {})[name] = q["q50"]
     parts = [f"{dn}: median frequency " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for dn, m in meds.items()]
     if parts:
+        act = {f["name"]: f["activation"] for f in summary.get("fits") or []}
+        by_act: dict[str, list[float]] = {}
+        for m in meds.values():
+            for k, v in m.items():
+                by_act.setdefault(act.get(k, "?"), []).append(v)
+        head = "median frequency " + ", ".join(f"{NAME.get(a, a)} {_span(v, '.2f')}" for a, v in by_act.items()) \
+            + f" (all sizes, {len(meds)} domains)"
         rows.append(_row("frequency", "Neuron frequency distributions are similar across sizes (read the figure; "
                          "no test statistic)", "; ".join(parts), "scale-insensitive distributions except first/last "
-                         "layers", "inconclusive", "shape judged by eye from the figure", SOURCE["frequency"]))
+                         "layers", "inconclusive", "shape judged by eye from the figure", SOURCE["frequency"], head))
     return rows
 
 
