@@ -12,6 +12,7 @@ from typing import Any
 
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_text
+from sparsinglaw.studies.shape import describe
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
@@ -89,11 +90,12 @@ def build_html(out: Path) -> str:
 
     parts.append("<h2>Laws per run</h2>")
     parts.append(_table(
-        ["run", "act.", "non-emb params", "d_h/L", "law", "A0 [95% CI]", "trend", "first → last",
+        ["run", "act.", "non-emb params", "d_h/L", "law", "fitted on", "A0 [95% CI]", "shape (± 3 se)",
          "ΔAIC vs log", "ΔAIC vs sigmoid", "dropped", "τ", "val loss"],
         [[_e(f["name"]), _e(f["activation"]), f"{f['non_embedding_params']:,}", f"{f['width_depth_ratio']:.3g}",
-          _e(f["form"]), _pct_ci(f["A0"], f["A0_ci"]), _e(f["trend"]),
-          f"{100 * f['first_ratio']:.2f}% → {100 * f['last_ratio']:.2f}%",
+          _e(f["form"]), _e(f.get("fit_range", "")),
+          _pct_ci(f["A0"], f["A0_ci"]) if f.get("A0_status", "identified") == "identified" else _e(f["A0_status"]),
+          _e(describe(f["shape"])) if f.get("shape") else _e(f["trend"]),
           _num(f["delta_aic"].get("log"), "+.1f"), _num(f["delta_aic"].get("sigmoid"), "+.1f"),
           str(f["dropped"]), _num(f["tau"], ".4f"), _num(f["final_val_loss"], ".4f")] for f in s["fits"]]))
     parts.append("<p class='muted'>ΔAIC = AIC(law) − AIC(baseline): negative favours the law. "
