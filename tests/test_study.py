@@ -270,7 +270,10 @@ def test_every_figure_renders_in_a_headless_browser(study: dict) -> None:
 
 def _fit(name: str, act: str, n: float, a0: float, ci: list[float], trend: str, d_aic: float = -10.0,
          conv: float | None = None, conv_ci: list | None = None) -> dict:
-    return {"converged_tokens": conv, "converged_ci": conv_ci,
+    shape = {"direction": trend, "turn": None, "start": 0.2, "end": a0 + 0.01, "change": a0 - 0.19,
+             "half_width": 0.003, "z": 3.0}
+    return {"converged_tokens": conv, "converged_ci": conv_ci, "shape": shape, "fit_tokens": [1e7, 1e9], "n": 24,
+            "A0_status": "identified",
             "name": name, "activation": act, "family": None, "non_embedding_params": n, "A0": a0, "A0_ci": ci,
             "trend": trend, "selection": "auto: the ratio falls with data", "success": True,
             "delta_aic": {"log": d_aic, "sigmoid": d_aic}, "first_ratio": 0.2, "last_ratio": 0.1,
@@ -290,40 +293,50 @@ def test_comparison_verdicts_follow_their_rules() -> None:
     assert verdict["silu-scale"] == "disagree"  # 0.31 vs 0.38: the intervals alone are 7 points apart
     assert verdict["relu-vs-silu"] == "agree"  # ReLU's interval lies below SiLU's at both sizes
     assert verdict["relu-convergence"] == "agree"  # 40-60 vs 150-250 tokens per parameter
-    assert "silu-convergence" not in verdict  # no forecasts: no claim
+    assert verdict["silu-convergence"] == "inconclusive"  # no forecasts: no claim
     rows = compare({"fits": [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "rises")]})
     assert rows[0]["verdict"] == "disagree"
-    rows = compare({"fits": [_fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls", d_aic=3.0)]})
-    assert rows[0]["verdict"] == "inconclusive"  # a baseline fits as well: no claim without support
+    u = _fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "falls")
+    u["shape"]["turn"] = {"kind": "minimum", "tokens": 3e7, "tokens_per_param": 30.0, "after": 0.02, "ratio": 0.06,
+                          "half_width": 0.003}
+    assert compare({"fits": [u]})[0]["verdict"] == "partly"  # falls, then rises again: only part of the finding
+    flat = _fit("r1", "relu", 1e6, 0.07, [0.06, 0.08], "flat within noise")
+    assert compare({"fits": [flat]})[0]["verdict"] == "inconclusive"
 
 
 # --- analysis of a width-depth family (synthetic runs with a known law) ----------------------------------
 
-def _fake_study(tmp_path: Path, shapes: list[tuple[int, int]], a0_of, loss_of) -> Path:
-    """A study folder as the runner leaves it, with series drawn from the ReLU law around known limits."""
+def _fake_study(tmp_path: Path, shapes: list[tuple[int, int]], a0_of, loss_of, *, curve=None,
+                activations: tuple[str, ...] = ("relu",), family: str | None = "width-depth") -> Path:
+    """A study folder as the runner leaves it. Series are `curve(activation, tokens, rng, a0)` (default: the
+    ReLU law around the known limit a0_of(d/L) with small noise); the final loss is loss_of(d/L)."""
     from sparsinglaw.io import atomic_write_json
     from sparsinglaw.studies.plan import RunSpec
 
+    def relu_law(act, tokens, rng, a0):
+        return np.exp(-3.0 * (tokens / 1e9) ** 0.5 - 1.0) + a0 + rng.normal(0, 2e-4, tokens.size)
+
+    curve = curve or relu_law
     out = tmp_path / "wd"
     rng = np.random.default_rng(0)
     specs = []
     for d, n in shapes:
-        spec = RunSpec(name=f"relu-d{d}-l{n}", preset="tiny", d_model=d, n_layers=n, head_dim=16, activation="relu",
-                       tokens=10**9, checkpoints=24, first_checkpoint=0.01, seed=0, seq_len=32, batch_size=4,
-                       grad_accum=1, lr=0.01, family="width-depth")
-        specs.append(spec.to_dict())
-        tokens = np.geomspace(1e7, 1e9, 24)
-        a0 = a0_of(d / n)
-        ratio = np.exp(-3.0 * (tokens / 1e9) ** 0.5 - 1.0) + a0 + rng.normal(0, 2e-4, 24)
-        rd = out / "runs" / spec.name
-        atomic_write_json(rd / "series.json", {
-            "name": spec.name, "activation": "relu", "non_embedding_params": spec.non_embedding_params,
-            "width": d, "depth": n, "tokens": tokens.tolist(), "activation_ratio": ratio.tolist(), "tau": 0.1})
-        atomic_write_json(rd / "run.json", {
-            "name": spec.name, "spec": spec.to_dict(), "tokens_trained": 10**9, "tokens_per_param": 500.0,
-            "epochs": 1.0, "tokens_per_s": 1e6, "mfu": 0.1, "device": "cuda", "dtype": "bf16",
-            "final_val_loss": loss_of(d / n), "final_train_loss": 3.0, "times": {}, "loss_curve": [],
-            "val_curve": []})
+        for act in activations:
+            spec = RunSpec(name=f"{act}-d{d}-l{n}", preset="tiny", d_model=d, n_layers=n, head_dim=16,
+                           activation=act, tokens=10**9, checkpoints=24, first_checkpoint=0.01, seed=0, seq_len=32,
+                           batch_size=4, grad_accum=1, lr=0.01, family=family)
+            specs.append(spec.to_dict())
+            tokens = np.geomspace(1e7, 1e9, 24)
+            ratio = curve(act, tokens, rng, a0_of(d / n))
+            rd = out / "runs" / spec.name
+            atomic_write_json(rd / "series.json", {
+                "name": spec.name, "activation": act, "non_embedding_params": spec.non_embedding_params,
+                "width": d, "depth": n, "tokens": tokens.tolist(), "activation_ratio": ratio.tolist(), "tau": 0.1})
+            atomic_write_json(rd / "run.json", {
+                "name": spec.name, "spec": spec.to_dict(), "tokens_trained": 10**9, "tokens_per_param": 500.0,
+                "epochs": 1.0, "tokens_per_s": 1e6, "mfu": 0.1, "device": "cuda", "dtype": "bf16",
+                "final_val_loss": loss_of(d / n), "final_train_loss": 3.0, "times": {}, "loss_curve": [],
+                "val_curve": []})
     atomic_write_json(out / "plan.json", {"name": "wd", "description": "", "runs": specs, "data": {},
                                           "tracking": {}})
     return out
@@ -363,3 +376,101 @@ def test_width_depth_family_is_fitted_for_ratio_and_loss(tmp_path: Path) -> None
     page = (out / "report.html").read_text()
     assert "Width-depth ratio" in page and (out / "fits" / "widthdepth.png").is_file()
     assert (out / "figures" / "width_depth_loss.png").is_file()
+
+
+# --- real-looking curves: U-shaped ReLU, SiLU still rising at the end, width-depth shapes that turn ----------
+
+U_MIN = 1e8  # tokens at the bottom of the synthetic ReLU U
+
+
+def _u_or_unbounded(act, tokens, rng, a0):
+    """ReLU: falls in ln D to a minimum at U_MIN, then rises 3 points; SiLU: rises linearly in ln D (no limit
+    inside the data, the case where a power law's A0 runs to its bound)."""
+    x = np.log(tokens / U_MIN)
+    noise = rng.normal(0, 1e-3, tokens.size)
+    if act == "relu":
+        return a0 + 0.02 * x**2 / np.log(1e7 / U_MIN) ** 2 * np.where(x < 0, 3.0, 1.0) + noise
+    return 0.2 + 0.05 * np.log(tokens / 1e7) + noise
+
+
+def test_shape_finds_the_turn_and_ignores_warmup_and_noise() -> None:
+    from sparsinglaw.studies.shape import curve_shape
+
+    rng = np.random.default_rng(1)
+    tokens = np.geomspace(1e7, 1e9, 24)
+    u = curve_shape(tokens, _u_or_unbounded("relu", tokens, rng, 0.1), 1e6, expected="falls")
+    assert u["direction"] == "falls" and u["turn"]["kind"] == "minimum"
+    # brute force: the noiseless minimum is at U_MIN; the turn lies within one checkpoint of it
+    step = tokens[1] / tokens[0]
+    assert U_MIN / step**1.5 <= u["turn"]["tokens"] <= U_MIN * step**1.5
+    assert u["turn"]["tokens_per_param"] == pytest.approx(u["turn"]["tokens"] / 1e6)
+    assert u["turn"]["after"] > u["turn"]["half_width"]
+    mono = curve_shape(tokens, 0.07 + np.exp(-3 * (tokens / 1e9) ** 0.5 - 1) + rng.normal(0, 1e-3, 24),
+                       expected="falls")
+    assert mono["direction"] == "falls" and mono["turn"] is None
+    flat = curve_shape(tokens, 0.2 + rng.normal(0, 1e-3, 24), expected="falls")
+    assert flat["direction"] == "flat within noise" and flat["turn"] is None
+    # SiLU with an early dip: the dip is the warm-up, not a turn against the law
+    x = np.log(tokens / 1e7)  # falls 4 points over the first quarter of ln D, then rises 25 points
+    dip = np.where(x < 1.2, 0.22 - 0.04 * x / 1.2, 0.18 + 0.07 * (x - 1.2))
+    silu = curve_shape(tokens, dip + rng.normal(0, 1e-3, 24), expected="rises")
+    assert silu["direction"] == "rises" and silu["turn"] is None and silu["warmup"]["kind"] == "minimum"
+
+
+def test_trend_verdict_rules() -> None:
+    from sparsinglaw.studies.paper import trend_verdict
+
+    turn = {"kind": "minimum"}
+    assert trend_verdict({"direction": "falls", "turn": turn}, "falls") == "partly"
+    assert trend_verdict({"direction": "rises", "turn": turn}, "falls") == "partly"
+    assert trend_verdict({"direction": "falls", "turn": None}, "falls") == "agree"
+    assert trend_verdict({"direction": "rises", "turn": None}, "falls") == "disagree"
+    assert trend_verdict({"direction": "flat within noise", "turn": None}, "falls") == "inconclusive"
+
+
+def test_u_shaped_relu_and_unbounded_silu_are_reported_honestly(tmp_path: Path, monkeypatch) -> None:
+    """The old analysis picked the SiLU law for a U-shaped ReLU curve, printed "rises" for a falling run,
+    reported a SiLU A0 of 100% and forecast 10^15 tokens per parameter; each of those fails here."""
+    from sparsinglaw.studies import analysis
+
+    monkeypatch.setattr(analysis, "BOOTSTRAP", 200)
+    out = _fake_study(tmp_path, [(64, 4), (128, 4)], lambda r: 0.1, lambda r: 3.0, curve=_u_or_unbounded,
+                      activations=("relu", "silu"), family=None)
+    s = analysis.analyse(out, log=lambda _m: None)
+    fits = {f["name"]: f for f in s["fits"]}
+    for name in ("relu-d64-l4", "relu-d128-l4"):
+        f = fits[name]
+        assert f["form"] == "relu" and f["trend"] == "falls" and f["shape"]["turn"]["kind"] == "minimum"
+        assert f["fit_tokens"][1] == pytest.approx(f["shape"]["turn"]["tokens"])  # the law's range ends at the turn
+        assert f["A0_status"] == "identified" and f["A0"] == pytest.approx(0.1, abs=0.01)
+    for name in ("silu-d64-l4", "silu-d128-l4"):
+        assert fits[name]["form"] == "silu" and fits[name]["A0_status"].startswith("not identified")
+    rows = {r["key"]: r for r in s["comparison"]}
+    assert rows["relu-trend"]["verdict"] == "partly"
+    head = rows["relu-trend"]["headline"]
+    assert "then rise again" in head and "tokens per parameter" in head
+    assert "rises 2" not in rows["relu-trend"]["ours"].split(";")[0]  # the direction word matches the data
+    assert rows["silu-trend"]["verdict"] == "agree" and "not identified" in rows["silu-trend"]["reason"]
+    assert rows["relu-vs-silu"]["verdict"] == "agree" and "final ReLU" in rows["relu-vs-silu"]["ours"]
+    assert rows["silu-scale"]["verdict"] == "inconclusive" and "100.00%" not in rows["silu-scale"]["ours"]
+    conv = rows["silu-convergence"]
+    assert conv["verdict"] == "inconclusive" and "not reached within the data" in conv["ours"]
+    assert not any(len(w.replace(",", "")) > 9 and w.replace(",", "").isdigit() for w in conv["ours"].split())
+    page = (out / "report.html").read_text()
+    assert page.index("Headline findings") < page.index("Paper vs this study, in full")
+    assert (out / "figures" / "activation_vs_data.png").is_file()
+
+
+def test_width_depth_shapes_that_turn_still_give_the_figure_and_rows(tmp_path: Path, monkeypatch) -> None:
+    from sparsinglaw.studies import analysis
+
+    monkeypatch.setattr(analysis, "BOOTSTRAP", 200)
+    shapes = [(64, 32), (64, 16), (96, 12), (128, 8), (160, 5), (192, 3), (256, 2), (384, 1)]
+    out = _fake_study(tmp_path, shapes, lambda r: 0.08 + 0.0004 * min(r - 40.0, 0),
+                      lambda r: 3.0 - 0.01 * min(r - 20, 0), curve=_u_or_unbounded)
+    s = analysis.analyse(out, log=lambda _m: None)
+    assert all(f["shape"]["turn"] for f in s["fits"])
+    assert s["width_depth"]["fit"]["success"]
+    rows = {r["key"]: r for r in s["comparison"]}
+    assert {"width-depth", "best-shape"} <= set(rows) and "8 of 8 shapes turn back" in rows["width-depth"]["reason"]
+    assert (out / "fits" / "widthdepth.png").is_file() and (out / "figures" / "width_depth_loss.png").is_file()

@@ -905,12 +905,14 @@ def _select(D: np.ndarray, A: np.ndarray, activation: str | None) -> tuple[str, 
 
 
 def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_first: int = 0,
-               min_tokens: float | None = None, auto_drop: bool = False, bootstrap: int = 1000,
+               min_tokens: float | None = None, max_tokens: float | None = None, auto_drop: bool = False,
+               bootstrap: int = 1000,
                level: float = 0.95, target_ratio: float | None = None,
                forecast_tokens: Sequence[float] | None = None, seed: int = 0) -> LawFit:
     """Fit a curve: drop early points as asked (recorded), fit every form, pick the law, add intervals.
 
-    `form` is auto (law chosen by the direction of the data), relu, silu, log or sigmoid. The chosen form
+    `form` is auto (law chosen by the direction of the data), relu, silu, log or sigmoid. `max_tokens`
+    fits the law to one phase of a non-monotone curve (points after it are dropped, with that reason). The chosen form
     gets `bootstrap` resamples; the others get a quarter as many (enough for their intervals). A form that
     fails is reported with `success=False` and its reason.
     """
@@ -936,6 +938,9 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     if min_tokens is not None:
         for i in np.flatnonzero(used & (s.tokens < min_tokens)):
             drop(int(i), f"--min-tokens {min_tokens:g}: only {s.tokens[i]:g} tokens")
+    if max_tokens is not None:
+        for i in np.flatnonzero(used & (s.tokens > max_tokens)):
+            drop(int(i), f"beyond the fitted range: {s.tokens[i]:g} tokens > {max_tokens:g}")
     if used.sum() < 3:
         raise UserError(f"{s.name}: only {int(used.sum())} points left after dropping {len(dropped)}; "
                         "lower --drop-first or --min-tokens")

@@ -36,8 +36,64 @@ def finished_runs(out: Path) -> list[dict]:
     return runs
 
 
-def _fit_row(ft: Any, run: dict) -> dict:
-    """One run's law: form, parameters with intervals, the baselines' ΔAIC, A0, trend direction."""
+EXPECTED = {"relu": "falls", "silu": "rises"}  # the paper's direction per activation
+MIN_RANGE_POINTS = 8  # fewest points a law is fitted to on one phase of a turning curve
+BOUND_EPS = 1e-3  # A0 within this of 0 or 1 sits on the fitter's bound: the limit is not identified
+
+
+def fit_plan(run: dict) -> tuple[str, float | None, dict, str]:
+    """The form, the last token count to fit, the curve's shape and why that range, for one run.
+
+    Each activation gets the paper's law (ReLU: logspace power law, SiLU: power law). The law is monotone,
+    so on a curve that turns (a ReLU curve that falls then rises) it is fitted to the phase it describes:
+    from the first checkpoint (warm-up points are dropped by the fitter's own test) up to the turn.
+    """
+    from sparsinglaw.studies.shape import curve_shape
+
+    sr, act = run["series"], run["spec"]["activation"]
+    shape = curve_shape(sr["tokens"], sr["activation_ratio"], run["spec"]["non_embedding_params"],
+                        expected=EXPECTED.get(act))
+    form = act if act in EXPECTED else "auto"
+    turn = shape["turn"]
+    if turn is None:
+        return form, None, shape, "all checkpoints (no significant turn)"
+    if turn["index"] + 1 < MIN_RANGE_POINTS:
+        return form, None, shape, (f"all checkpoints: the turn comes after only {turn['index'] + 1} points, "
+                                   f"too few (< {MIN_RANGE_POINTS}) to fit one phase")
+    tpp = turn.get("tokens_per_param")
+    return form, turn["tokens"], shape, (f"checkpoints up to the {turn['kind']} at {turn['tokens'] / 1e6:.3g}M "
+                                         "tokens" + (f" ({tpp:.0f} tokens/param)" if tpp else "")
+                                         + ": the law describes the phase before the turn")
+
+
+def a0_status(a0: float | None, ci: list | None) -> str:
+    """identified, or why not: the point estimate or its interval sits on the fitter's bound (0 or 1)."""
+    if a0 is None:
+        return "no fit"
+    near = lambda x: x is not None and (x <= BOUND_EPS or x >= 1 - BOUND_EPS)  # noqa: E731
+    if near(a0):
+        return "not identified (at bound)"
+    if ci and any(near(x) for x in ci):
+        return "not identified (interval reaches the bound)"
+    return "identified"
+
+
+def decay_start(run_dir: Path) -> float | None:
+    """Tokens at which the learning rate first falls below its peak after warm-up (log.jsonl's lr)."""
+    p = run_dir / "log.jsonl"
+    if not p.is_file():
+        return None
+    pts = [(r["tokens"], r["lr"]) for r in map(json.loads, p.read_text().splitlines()) if "lr" in r]
+    if not pts:
+        return None
+    peak = max(lr for _, lr in pts)
+    top = next(i for i, (_, lr) in enumerate(pts) if lr >= peak * (1 - 1e-6))
+    return next((t for t, lr in pts[top:] if lr < peak * (1 - 1e-6)), None)
+
+
+def _fit_row(ft: Any, run: dict, shape: dict, fit_range: str, train_tokens: float | None) -> dict:
+    """One run's law: form, parameters with intervals, the baselines' ΔAIC, A0 and whether it is
+    identified, the curve's shape (direction and turn, with intervals), the schedule's decay start."""
     from sparsinglaw.laws import BASELINE_FORMS, LAW_FORMS
 
     fj = ft.to_json()
@@ -53,7 +109,11 @@ def _fit_row(ft: Any, run: dict) -> dict:
             "formula": fj["formula"], "params": fj["params"], "ci": fj["ci"], "aic": fj["aic"],
             # ΔAIC = AIC(law) − AIC(baseline): negative means the law is preferred
             "delta_aic": d_aic, "best_by_aic": ft.best_by_aic, "A0": a0, "A0_ci": fj["ci"].get("A0"),
-            "trend": "falls" if ft.form == "relu" else "rises", "first_ratio": float(A[0]),
+            "A0_status": a0_status(a0, fj["ci"].get("A0")), "shape": shape, "fit_range": fit_range,
+            "fit_tokens": [float(ft.series.tokens[ft.used].min()), float(ft.series.tokens[ft.used].max())],
+            "decay_start_tokens": decay_start(Path(run["series_path"]).parent), "train_tokens": train_tokens,
+            "epochs": run.get("epochs"),
+            "trend": shape["direction"], "first_ratio": float(A[0]),
             "last_ratio": float(A[-1]), "dropped": len(ft.dropped), "n": fj["n"], "warnings": ft.warnings,
             "final_val_loss": run.get("final_val_loss"), "tau": run["series"]["tau"],
             # the paper's convergence view: tokens until the fitted curve is within 1% of its limit
@@ -72,7 +132,9 @@ def analyse(out: str | Path, log: Callable[[str], Any] = print) -> dict:
     runs = finished_runs(out)
     series = [laws.load_series(r["series_path"]) for r in runs]
     laws.unique_names(series)
-    fits = [laws.fit_series(s, auto_drop=True, bootstrap=BOOTSTRAP, seed=0) for s in series]
+    plans = [fit_plan(r) for r in runs]
+    fits = [laws.fit_series(s, form=form, max_tokens=last, auto_drop=True, bootstrap=BOOTSTRAP, seed=0)
+            for s, (form, last, _, _) in zip(series, plans)]
     wd = None
     wd_runs = [(r, ft) for r, ft in zip(runs, fits) if r["spec"].get("family") == "width-depth"]
     wd_message = ""
@@ -87,9 +149,9 @@ def analyse(out: str | Path, log: Callable[[str], Any] = print) -> dict:
             laws.save_width_depth(wd, stage)
     wd_summary = width_depth_summary(wd, wd_runs, wd_message)
     with staged_dir(out / "figures") as stage:
-        figs = figures.write_all(runs, wd_runs, stage, (wd_summary or {}).get("loss_fit"))
+        figs = figures.write_all(runs, wd_runs, stage, (wd_summary or {}).get("loss_fit"), fits)
     corpus = json.loads((out / "corpus.json").read_text()) if (out / "corpus.json").is_file() else {}
-    rows = [_fit_row(ft, r) for r, ft in zip(runs, fits)]
+    rows = [_fit_row(ft, r, p[2], p[3], corpus.get("train_tokens")) for r, ft, p in zip(runs, fits, plans)]
     summary = {
         "plan": plan, "finished": [r["name"] for r in runs],
         "pending": [r["name"] for r in plan["runs"] if r["name"] not in {x["name"] for x in runs}],
@@ -122,9 +184,10 @@ def data_summary(corpus: dict, runs: list[dict]) -> dict:
 
 def scale_rows(rows: list[dict]) -> list[dict]:
     """Limits versus size per activation (the width-depth family left out: its shapes share one size)."""
-    out = [r for r in rows if r["family"] != "width-depth" and r["A0"] is not None]
-    return sorted(({k: r[k] for k in ("name", "activation", "non_embedding_params", "A0", "A0_ci",
-                                      "final_val_loss", "width_depth_ratio")} for r in out),
+    out = [{**r, "turned": bool((r.get("shape") or {}).get("turn"))} for r in rows
+           if r["family"] != "width-depth" and r["A0"] is not None]
+    return sorted(({k: r.get(k) for k in ("name", "activation", "non_embedding_params", "A0", "A0_ci", "A0_status",
+                                      "turned", "final_val_loss", "width_depth_ratio")} for r in out),
                   key=lambda r: (r["activation"], r["non_embedding_params"]))
 
 

@@ -11,9 +11,12 @@ import numpy as np
 from sparsinglaw.plots import _figure, _finish, _law_color, _save
 
 
-def write_all(runs: list[dict], wd_runs: list, folder: Path, loss_fit: dict | None = None) -> dict[str, Path]:
+def write_all(runs: list[dict], wd_runs: list, folder: Path, loss_fit: dict | None = None,
+              fits: list | None = None) -> dict[str, Path]:
     """Every study figure that the finished runs support; {key: path}."""
     figs: dict[str, Path] = {}
+    if fits is not None and any(r["spec"].get("family") != "width-depth" for r in runs):
+        figs["headline"] = activation_panels(runs, fits, folder / "activation_vs_data.png")
     if runs:
         figs["loss"] = loss_curves(runs, folder / "loss.png")
         figs["speed"] = speed(runs, folder / "speed.png")
@@ -45,6 +48,36 @@ def loss_curves(runs: list[dict], path: Path) -> Path:
             ax.plot([p["tokens"] / n for p in vc], [p["val_loss"] for p in vc], "o", color=color, ms=3)
     return _finish(fig, ax, path, xlabel="tokens per non-embedding parameter", ylabel="loss (nats/token)",
                    title="training loss (lines) and validation loss (dots)", xlog=True)
+
+
+def activation_panels(runs: list[dict], fits: list, path: Path) -> Path:
+    """The headline figure: one panel per activation, activation ratio against tokens per parameter, every
+    run's measured points, its law drawn over the range it was fitted on (hollow rings: points not fitted)."""
+    import matplotlib.pyplot as plt
+
+    acts = [a for a in ("relu", "silu") if any(r["spec"]["activation"] == a for r in runs)] or ["relu"]
+    fig, axes = plt.subplots(1, len(acts), figsize=(5.6 * len(acts), 4.0), dpi=120, squeeze=False)
+    for ax, act in zip(axes[0], acts):
+        ax.grid(True, alpha=0.3)
+        pairs = [(r, ft) for r, ft in zip(runs, fits) if r["spec"]["activation"] == act
+                 and r["spec"].get("family") != "width-depth"]
+        for i, (r, ft) in enumerate(pairs):
+            n = r["spec"]["non_embedding_params"]
+            color = _run_color(r, i)
+            tok, A = ft.series.tokens, ft.series.activation_ratio
+            ax.plot(tok / n, A, "o", ms=3, color=color, label=_label(r))
+            if not ft.used.all():
+                ax.plot(tok[~ft.used] / n, A[~ft.used], "o", ms=6, mfc="none", color=color)
+            if ft.success:
+                grid = np.geomspace(tok[ft.used].min(), tok[ft.used].max(), 120)
+                ax.plot(grid / n, ft.fit.predict(grid / 1e9), "-", lw=1.3, color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens per non-embedding parameter")
+        ax.set_ylabel("activation ratio (CETT-PPL-1%)")
+        ax.set_title(f"{act.upper()}: dots measured, line = {act.upper()} law on its fitted range, "
+                     "rings = not fitted", fontsize=8)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _run_color(run: dict, i: int) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_text
+from sparsinglaw.studies.shape import describe
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}
@@ -19,7 +20,7 @@ h1{font-size:24px}h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;margin:8px 0;font-size:12.5px}td,th{border:1px solid #ccc;padding:3px 7px;
 vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;height:auto}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;width:370px}figcaption{font-size:11px}
-.agree{background:#e3f6e3}.disagree{background:#fbe3e3}.inconclusive{background:#fff6d6}
+.agree{background:#e3f6e3}.partly{background:#e6eefc}.disagree{background:#fbe3e3}.inconclusive{background:#fff6d6}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}.muted{color:#777}
 """
 
@@ -71,20 +72,30 @@ def build_html(out: Path) -> str:
              f"<p>{len(s['finished'])} of {len(plan['runs'])} runs finished"
              + (f"; pending: {_e(', '.join(s['pending']))}" if s["pending"] else "") + ".</p>"]
 
-    parts.append("<h2>Paper vs this study</h2><p>Verdicts follow the rule stated in each finding; every number "
-                 "of ours carries its 95% bootstrap interval where one exists.</p>")
     comp = s.get("comparison") or []
+    head = [r for r in comp if not r["key"].startswith("coefficients-") and r["key"] != "out-of-scope"]
+    parts.append("<h2>Headline findings</h2>")
+    parts.append(_table(["finding", "verdict", "this study (in short)"],
+                        [[_e(r["finding"]), f"<b>{_e(r['verdict'])}</b>", _e(r.get("headline") or r["ours"])]
+                         for r in head], [r["verdict"] for r in head]))
+    parts.append(f"<figure>{_img(out / 'figures' / 'activation_vs_data.png', 'activation ratio vs data')}"
+                 "<figcaption>Activation ratio against tokens per parameter, with each activation's law on the "
+                 "range it was fitted on.</figcaption></figure>")
+    parts.append("<h2>Paper vs this study, in full</h2><p>Verdicts follow the rule stated in each finding; every "
+                 "number of ours carries its 95% interval where one exists (bootstrap for fitted parameters, "
+                 "± 3 standard errors of the curve's own noise for changes along a curve).</p>")
     parts.append(_table(["finding", "this study", "paper", "verdict", "likely reason", "paper source"],
                         [[_e(r["finding"]), _e(r["ours"]), _e(r["paper"]), f"<b>{_e(r['verdict'])}</b>",
                           _e(r["reason"]), _e(r["source"])] for r in comp], [r["verdict"] for r in comp]))
 
     parts.append("<h2>Laws per run</h2>")
     parts.append(_table(
-        ["run", "act.", "non-emb params", "d_h/L", "law", "A0 [95% CI]", "trend", "first → last",
+        ["run", "act.", "non-emb params", "d_h/L", "law", "fitted on", "A0 [95% CI]", "shape (± 3 se)",
          "ΔAIC vs log", "ΔAIC vs sigmoid", "dropped", "τ", "val loss"],
         [[_e(f["name"]), _e(f["activation"]), f"{f['non_embedding_params']:,}", f"{f['width_depth_ratio']:.3g}",
-          _e(f["form"]), _pct_ci(f["A0"], f["A0_ci"]), _e(f["trend"]),
-          f"{100 * f['first_ratio']:.2f}% → {100 * f['last_ratio']:.2f}%",
+          _e(f["form"]), _e(f.get("fit_range", "")),
+          _pct_ci(f["A0"], f["A0_ci"]) if f.get("A0_status", "identified") == "identified" else _e(f["A0_status"]),
+          _e(describe(f["shape"])) if f.get("shape") else _e(f["trend"]),
           _num(f["delta_aic"].get("log"), "+.1f"), _num(f["delta_aic"].get("sigmoid"), "+.1f"),
           str(f["dropped"]), _num(f["tau"], ".4f"), _num(f["final_val_loss"], ".4f")] for f in s["fits"]]))
     parts.append("<p class='muted'>ΔAIC = AIC(law) − AIC(baseline): negative favours the law. "
