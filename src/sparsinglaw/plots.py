@@ -257,3 +257,40 @@ def track_frequency(series: dict, path: str | os.PathLike) -> Path:
                   label=f"{series['checkpoints'][i]['name']} ({series['tokens'][i]:.3g} tokens)")
     return _finish(fig, ax, path, xlabel="activation frequency (kept / tokens)", ylabel="neurons",
                    title=_track_title(series, "neuron activation frequency"), ylog=True, title_size=10)
+
+
+# --- compare: several measurements on one chart -----------------------------------------------------------
+
+
+def compare_layers(series: list[dict], path: str | os.PathLike) -> Path:
+    """Per-layer activation ratio of several measurements; x is the relative depth when layer counts differ."""
+    fig, ax = _figure(7.2, 4.4)
+    counts = {len(s["layer_ratio"]) for s in series}
+    relative = len(counts) > 1
+    for i, s in enumerate(series):
+        n = len(s["layer_ratio"])
+        xs = [j / max(1, n - 1) for j in range(n)] if relative else list(range(n))
+        color = _law_color(None, i)
+        ax.plot(xs, s["layer_ratio"], "o-", ms=3, color=color, label=s["label"])
+        if s.get("mean") is not None:
+            ax.axhline(s["mean"], color=color, ls="--", lw=0.8)
+    return _finish(fig, ax, path, xlabel="relative depth (layer / last layer)" if relative else "layer",
+                   ylabel="activation ratio", title="activation ratio per layer (dashed: model mean)",
+                   title_size=10)
+
+
+def compare_frequency(series: list[dict], path: str | os.PathLike) -> Path:
+    """Neuron activation-frequency distributions (fraction of neurons per bin), all layers pooled."""
+    import numpy as np
+
+    fig, ax = _figure(7.2, 4.4)
+    for i, s in enumerate(series):
+        h = s["histogram"]
+        if not h:
+            ax.plot([], [], color=_law_color(None, i), label=s["label"] + " (no histogram)")
+            continue
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.stairs(counts / max(1.0, counts.sum()), np.asarray(h["edges"]), color=_law_color(None, i), lw=1.5,
+                  label=s["label"])
+    return _finish(fig, ax, path, xlabel="activation frequency (kept / tokens)", ylabel="fraction of neurons",
+                   title="neuron activation frequency, all layers pooled", ylog=True, title_size=10)
