@@ -131,14 +131,31 @@ def kept_message() -> str:
         return f"could not tell what was kept ({type(e).__name__})"
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars left open by an interrupt, so that the report is the last line on stderr."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the report
+            pass
+
+
 def _raise(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
-def install_signal_handlers() -> None:
-    """SIGINT and SIGTERM raise `Interrupted` in the main thread (the CLI reports and exits 128 + signal)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise)
+def install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread (the CLI reports and exits 128 + signal).
+    Returns the previous handlers, for `restore_signal_handlers`."""
+    return {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 # --- phases: a line before each, its time after ------------------------------------------------------------
