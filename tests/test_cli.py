@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import tiny
+from test_cli_measure import run
 
-from sparsinglaw import cli, models
+from sparsinglaw import models
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -27,14 +28,6 @@ def sl(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.
     """`sparsinglaw ARGS` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "sparsinglaw", *args], capture_output=True, text=True,
                           env=env or ENV, timeout=timeout)
-
-
-def run(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture

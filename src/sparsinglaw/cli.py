@@ -81,14 +81,20 @@ def _import_plots_meanwhile() -> None:
     threading.Thread(target=lambda: __import__("sparsinglaw.plots"), daemon=True).start()
 
 
-def _check_model_options(model: str, device: str, dtype: str, seq_len: int, allow_long: bool) -> None:
-    """Device, dtype and --seq-len against the model's context, before anything is loaded."""
+def _prepare(out: Path, model: str, device: str, dtype: str, seq_len: int, allow_long: bool,
+             positions: str) -> None:
+    """The checks that need no model (--positions, --out, device, dtype, --seq-len against the model's
+    context where its config can be read), then what an interrupt keeps, and matplotlib on a side thread."""
     from sparsinglaw.models import check_context, model_context, resolve_device, resolve_dtype
 
+    check_choice("--positions", positions, POSITIONS)
+    check_out(out)
     resolve_dtype(dtype, resolve_device(device))
     warning = check_context(seq_len, model_context(model), model, allow_long)
     if warning:
         print(warning, file=sys.stderr)
+    on_interrupt(_nothing_written(out))
+    _import_plots_meanwhile()
 
 
 def _load(phases: Phases, model: str, device: str, dtype: str, data, tokens: int, seq_len: int, batch_size: int,
@@ -158,11 +164,7 @@ def measure(
         _check_params(metric, p, tau, k, eps)
     check_choice("--search", search, ("fast", "reference"))
     check_choice("--topk-mode", topk_mode, ("pooled", "per-token"))
-    check_choice("--positions", positions, POSITIONS)
-    check_out(out)
-    _check_model_options(model, device, dtype, seq_len, allow_long)
-    on_interrupt(_nothing_written(out))
-    _import_plots_meanwhile()
+    _prepare(out, model, device, dtype, seq_len, allow_long, positions)
     with staged_dir(out, owned=FILES) as stage:
         lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
         what = {"ppl": f"searching the CETT tau whose PPL ratio is 1 + {p:g}% ({search} search)",
@@ -211,11 +213,7 @@ def tradeoff(
     from sparsinglaw.measure import tradeoff as run_tradeoff
 
     n_tokens = parse_tokens(tokens)
-    check_choice("--positions", positions, POSITIONS)
-    check_out(out)
-    _check_model_options(model, device, dtype, seq_len, allow_long)
-    on_interrupt(_nothing_written(out))
-    _import_plots_meanwhile()
+    _prepare(out, model, device, dtype, seq_len, allow_long, positions)
     with staged_dir(out, owned=TRADEOFF_FILES) as stage:
         lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
         with phases("tradeoff", "every metric over a sweep of its parameter, batch by batch"):
@@ -418,10 +416,10 @@ def track(
     resolve_dtype(dtype, resolve_device(device))
     dest = check_out(out if out is not None else run)
     on_interrupt(lambda: _kept_series(dest / SERIES_FILE))
-    with phases("track", "one tau calibrated on the last checkpoints, then every checkpoint measured at it"):
-        result = run_track(run, p=p, tokens=n_tokens, seq_len=seq_len, batch_size=batch_size,
-                           last=last, recalibrate=recalibrate, device=device, dtype=dtype, out=out,
-                           progress=not quiet)
+    t = time.perf_counter()  # the library reports its own steps (bad runs fail there in one line)
+    result = run_track(run, p=p, tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, last=last,
+                       recalibrate=recalibrate, device=device, dtype=dtype, out=out, progress=not quiet)
+    phases.add("track", time.perf_counter() - t)
     print(result.summary())
     print(phases.closing([result.path, *result.plots], f"target CETT-PPL-{p:g}% at one tau "
                          f"{result.series['tau']:.5f}"))
