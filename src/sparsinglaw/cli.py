@@ -295,11 +295,11 @@ def fit(
         wd = laws.width_depth_from_fits(fits, bootstrap=bootstrap, level=level, seed=seed)
     on_interrupt(_nothing_written(Path(out)))
     with staged_dir(out, owned=FIT_FILES) as stage:
-        laws.save_fits(fits, stage)
+        files = laws.save_fits(fits, stage)
         if wd is not None:
-            laws.save_width_depth(wd, stage)
+            files += laws.save_width_depth(wd, stage)
     print(laws.summary_text(fits, wd))
-    print(f"wrote {out}")
+    print(Phases(start=_T0).closing([Path(out) / f.relative_to(stage) for f in files]))
     failed = [ft for ft in fits if not ft.success]
     if failed:
         raise UserError("; ".join(f"{ft.series.name}: the {ft.form} law could not be fitted: {ft.message}"

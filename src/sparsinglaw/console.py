@@ -197,7 +197,8 @@ class Phases:
     def closing(self, files: Iterable[str | os.PathLike], extra: str = "") -> str:
         """'done in 12.3 s (imports 1.0 s, ...); <extra>; wrote a, b, c'."""
         names = ", ".join(str(f) for f in files)
-        return (f"done in {self.total():.1f} s ({self.breakdown()})" + (f"; {extra}" if extra else "")
+        parts = f" ({self.breakdown()})" if self.seconds else ""
+        return (f"done in {self.total():.1f} s{parts}" + (f"; {extra}" if extra else "")
                 + (f"; wrote {names}" if names else ""))
 
 
