@@ -62,6 +62,9 @@ def _start(quiet: bool, threads: int | None) -> tuple[Phases, int]:
     _QUICK_EXIT = True
     phases = Phases(quiet, start=_T0)
     n = set_threads(threads)  # imports torch
+    # transformers imports scikit-learn when installed, for assisted generation only (about a third of its
+    # import time); these commands never generate, so it is marked absent in this process
+    sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
     # the library's and transformers' imports, timed here rather than inside the phase that first uses them
     from transformers import AutoModelForCausalLM  # noqa: F401
     from transformers.utils import logging
