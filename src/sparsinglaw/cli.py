@@ -63,8 +63,9 @@ def _start(quiet: bool, threads: int | None) -> tuple[Phases, int]:
     phases = Phases(quiet, start=_T0)
     n = set_threads(threads)  # imports torch
     # transformers imports scikit-learn when installed, for assisted generation only (about a third of its
-    # import time); these commands never generate, so it is marked absent in this process
-    sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
+    # import time); these commands never generate, so a console process of their own marks it absent
+    if _CONSOLE:
+        sys.modules.setdefault("sklearn", None)  # type: ignore[arg-type]
     # the library's and transformers' imports, timed here rather than inside the phase that first uses them
     from transformers import AutoModelForCausalLM  # noqa: F401
     from transformers.utils import logging
@@ -468,8 +469,9 @@ def main(argv: list[str] | None = None) -> None:
 
     2: bad input or usage; 3: finished without reaching the target; 128 + N: interrupted by signal N.
     """
-    global _T0
+    global _T0, _CONSOLE
     _T0 = process_start() if argv is None else time.perf_counter()
+    _CONSOLE = argv is None  # a console process of its own (not a caller's, e.g. tests)
     previous = install_signal_handlers()
     try:
         code = _run(argv)
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             print(e.code, file=sys.stderr)
     finally:
         restore_signal_handlers(previous)
-    if argv is None and _QUICK_EXIT:
+    if _CONSOLE and _QUICK_EXIT:
         # the results are written and reported: skip the interpreter's teardown of torch and transformers
         # (1-1.5 s on a CPU), as the process would do nothing more than free memory
         sys.stdout.flush()
@@ -490,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _QUICK_EXIT = False  # set by the commands whose exit may skip the interpreter's teardown
+_CONSOLE = False  # this process is the console command itself
 
 
 def _run(argv: list[str] | None) -> int:
