@@ -332,3 +332,73 @@ def test_embedded_model_is_named_for_what_it_is():
     new, old = models.BUILTIN["smollm2-135m-instruct-q4_1"], models.BUILTIN["smollm2-135m"]
     assert new is old and "Instruct" in new["label"] and "Q4_1" in new["label"] and "fp32" in new["label"]
     assert models.model_context("smollm2-135m") == 8192
+
+
+# --- plots: readable log axes, the near-target panel, a better-fitting form drawn -----------------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Figures the plot functions would save, kept open (drawn) for inspection."""
+    from sparsinglaw import plots
+
+    kept = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        kept.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def _labels(ax, which: str):
+    ticks = (ax.get_xticklabels() if which == "x" else ax.get_yticklabels())
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    pos = [t.get_position()[0 if which == "x" else 1] for t in ticks]
+    return [t for t, p in zip(ticks, pos, strict=True) if t.get_text() and lo <= p <= hi]
+
+
+@pytest.mark.parametrize("tokens", [[1e5, 1.5e5, 2e5, 3e5], [2e3, 1e5, 5e7, 1e9], [1e2, 1e6, 1e10, 1e12]])
+def test_log_axis_labels_never_overlap(figures, tmp_path, tokens):
+    from sparsinglaw import plots
+
+    n = len(tokens)
+    series = {"name": "run", "activation": "relu", "tau": 0.1, "metric": "CETT-PPL-1%", "tokens": tokens,
+              "dead_neuron_ratio": [0.1] * n, "checkpoints": [{"name": f"c{i}"} for i in range(n)]}
+    plots.track_dead_neurons(series, tmp_path / "d.png")
+    ax = figures[-1].axes[0]
+    labels = _labels(ax, "x")
+    assert len(labels) >= 2, [t.get_text() for t in ax.get_xticklabels()]
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    assert "CETT-PPL-1%" in ax.get_title() and "run" in ax.get_title()
+
+
+def test_tradeoff_has_a_readable_panel_near_the_target(figures, tmp_path):
+    from types import SimpleNamespace
+
+    from sparsinglaw import plots
+
+    pts = [{"metric": m, "value": v, "activation_ratio": a, "ppl_ratio": r}
+           for m, v, a, r in [("cett", 0.1, 0.3, 1.004), ("cett", 0.3, 0.1, 1.05), ("cett", 0.6, 0.05, 3.0),
+                              ("topk", 0.3, 0.3, 1.02), ("topk", 0.1, 0.1, 1.5), ("fat", 0.05, 0.3, 1.01),
+                              ("zero", 0.0, 0.5, 1.0)]]
+    plots.tradeoff(SimpleNamespace(model="m", points=pts), tmp_path / "t.png")
+    whole, near = figures[-1].axes
+    assert near.get_ylim() == (1.0, 1.1) and len(_labels(whole, "y")) >= 2
+    title = figures[-1]._suptitle.get_text()
+    assert "m:" in title and "CETT tau 0.1-0.6" in title and "Top-k k 0.1-0.3" in title
+
+
+def test_fit_plot_draws_the_form_that_fits_better(figures, tmp_path):
+    import numpy as np
+
+    from sparsinglaw import plots
+
+    D = np.geomspace(0.1, 10, 12)
+    band = {"D": D.tolist(), "curve": (0.1 + 0.2 / D).tolist()}
+    plots.plot_law_fit(D, 0.1 + 0.2 / D, np.ones(12, bool), band, tmp_path / "f.png", label="relu",
+                       others=[{"label": "sigmoid baseline (lower AIC)", "D": D, "curve": 0.11 + 0.19 / D}])
+    labels = figures[-1].axes[0].get_legend_handles_labels()[1]
+    assert "relu" in labels and "sigmoid baseline (lower AIC)" in labels

@@ -21,16 +21,20 @@ def _figure(width: float = 6.4, height: float = 4.0):
 
 
 def _log_axis(ax, which: str = "x") -> None:
-    """A log scale whose tick labels never overlap: at most a handful of labelled ticks (1, 2, 5 per decade
-    when the data span under two decades, powers of ten otherwise) and unlabelled minor ticks."""
-    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+    """A log scale whose tick labels never overlap and are never missing: within a decade, about five
+    plain-number ticks; within two, 1-2-5 per decade; wider, at most six powers of ten; minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
 
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
-    narrow = lo > 0 and hi / lo < 100
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,), numticks=6))
-    axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    span = hi / lo if lo > 0 else float("inf")
+    if span < 10:
+        axis.set_major_locator(MaxNLocator(nbins=5))
+        axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 100 else (1.0,), numticks=6))
+        axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
     axis.set_minor_locator(LogLocator(base=10, subs="auto", numticks=12))
     axis.set_minor_formatter(NullFormatter())
 

@@ -374,7 +374,9 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
     records = [reusable[ck.path.name] for ck in cks if ck.path.name in reusable]
     todo = [ck for ck in cks if ck.path.name not in reusable]
     path = out / SERIES_FILE
-    for ck in todo:
+    from tqdm.auto import tqdm
+
+    for ck in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not progress, file=sys.stderr, leave=False):
         model = loaded.pop(ck.path.name, None)
         if model is None:
             model, run_dtype = _load(ck.path, device, dtype)
