@@ -35,8 +35,9 @@ def _common(model_dir, out):
                                           ("topk", ["--k", "0.3"]), ("fat", ["--eps", "0.05"]), ("zero", [])])
 def test_measure_writes_json_thresholds_and_plots(model_dir, tmp_path, metric, extra):
     out = tmp_path / "out"
-    assert run(["measure", *_common(model_dir, out), "--metric", metric, *extra]) == 0
+    code = run(["measure", *_common(model_dir, out), "--metric", metric, *extra])
     meas = json.loads((out / "measurement.json").read_text())
+    assert code == (0 if meas["reached"] else 3)  # a random model may not reach a PPL target: exit 3, marked
     assert REQUIRED <= set(meas)
     assert meas["metric"] == metric and meas["tokens"] == 256
     assert meas["sparsity"] == pytest.approx(1 - meas["activation_ratio"])

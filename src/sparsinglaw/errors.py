@@ -3,3 +3,11 @@
 
 class UserError(Exception):
     """A problem with the user's input or environment that they can fix; the message says how."""
+
+    exit_code = 2
+
+
+class NotReached(UserError):
+    """The run finished and wrote its results, but did not reach what was asked (exit status 3)."""
+
+    exit_code = 3

@@ -1358,8 +1358,15 @@ def save_fits(fits: Sequence[LawFit], folder: str | os.PathLike) -> list[Path]:
         if not ft.success:
             continue
         s = ft.series
+        others = []
+        best = ft.forms.get(ft.best_by_aic) if ft.best_by_aic and ft.best_by_aic != ft.form else None
+        if best is not None and best.success and ft.band.get("D"):  # a form that fits better: drawn beside
+            kind = "baseline" if ft.best_by_aic in BASELINE_FORMS else "law"
+            others.append({"label": f"{ft.best_by_aic} {kind} (lower AIC)", "D": ft.band["D"],
+                           "curve": best.predict(np.asarray(ft.band["D"]))})
         written.append(plots.plot_law_fit(s.D, s.activation_ratio, ft.used, ft.band, sub / "fit.png",
-                                          title=f"{s.name}: {ft.fit.formula}", label=ft.form))
+                                          title=f"{s.name}: {ft.fit.formula}", label=ft.form,
+                                          others=others))
         lin = linearised(ft)
         if lin is not None and lin[0].size:
             written.append(plots.plot_linearised(*lin, ft.form, sub / "linearised.png",

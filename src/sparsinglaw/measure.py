@@ -22,6 +22,7 @@ from sparsinglaw.sites import activation_name, hooked
 from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass
 
 METRICS = ("zero", "topk", "fat", "cett", "ppl")
+FILES = ("measurement.json", "thresholds.json", "layer_ratio.png", "heatmap.png", "neuron_frequency.png")
 DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead (SPEC 6.6)
 
 
@@ -49,6 +50,9 @@ class Measurement:
     frequency_histogram: dict
     static: dict | None = None
     regime: str = "per-batch"
+    reached: bool = True  # False: the CETT-PPL-p% search did not reach its target (search["message"] says why)
+    zero_aware_activation_ratio: float | None = None  # pooled Top-k whose cut is 0: exact zeros not counted
+    notes: list[str] = field(default_factory=list)  # what a reader must know to trust the numbers
     thresholds: Thresholds | None = field(default=None, repr=False)
     token_ratio: list[list[float]] | None = field(default=None, repr=False)
     neuron_frequency: np.ndarray | None = field(default=None, repr=False)
@@ -73,15 +77,24 @@ class Measurement:
 
     def save(self, out: str | Path) -> list[Path]:
         """measurement.json, thresholds.json (when the metric has static thresholds) and plots."""
-        from sparsinglaw import plots
+        return self.write(out) + self.plot(out)
 
+    def write(self, out: str | Path) -> list[Path]:
+        """measurement.json and thresholds.json (when the metric has static thresholds)."""
         out = Path(out)
         atomic_write_json(out / "measurement.json", self.to_json())
         files = [out / "measurement.json"]
         if self.thresholds is not None:
             self.thresholds.save(out / "thresholds.json")
             files.append(out / "thresholds.json")
-        files.append(plots.layer_ratios(self, out / "layer_ratio.png"))
+        return files
+
+    def plot(self, out: str | Path) -> list[Path]:
+        """layer_ratio.png, heatmap.png and neuron_frequency.png (where the data exists)."""
+        from sparsinglaw import plots
+
+        out = Path(out)
+        files = [plots.layer_ratios(self, out / "layer_ratio.png")]
         if self.token_ratio is not None:
             files.append(plots.token_heatmap(self, out / "heatmap.png"))
         if self.neuron_frequency is not None:
@@ -101,7 +114,19 @@ class Measurement:
         if self.search:
             lines.append(f"  search {self.search['method']}: {self.search['evaluations']} evaluations, "
                          f"{self.search['full_passes']:.1f} passes over the data, {self.search['seconds']:.1f} s")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def target_line(self) -> str:
+        """The target and how closely it was met, for the closing line ('' for metrics without a target)."""
+        if not self.search:
+            return ""
+        target = self.search["target_ppl_ratio"]
+        off = abs(self.ppl_ratio / target - 1)
+        if not self.reached:
+            return f"target PPL ratio {target:.5g} NOT reached (best {self.ppl_ratio:.5f})"
+        return (f"target PPL ratio {target:.5g}, reached {self.ppl_ratio:.5f} (off by {100 * off:.3f}%; "
+                f"accepted within {self.search['accepted']})")
 
 
 def metric_label(metric: str, params: dict) -> str:
@@ -156,6 +181,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
     m = Model(model)
     search_json = None
     cett_tau = None
+    zero_aware, notes = None, []
     regime = "per-batch"
     static_th: Thresholds | None = None
     if thresholds is not None:
@@ -177,6 +203,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
             else:
                 raise UserError(f"unknown --search {search!r}; use fast or reference")
             ev, search_json, cett_tau = res.evaluation, res.to_json(), res.tau
+            search_json["accepted"] = _accepted(res, search, tol)
         elif metric == "cett":
             params = {"tau": tau}
             counter = search_mod.PassCounter(len(batches))
@@ -192,20 +219,64 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
                 params = {"k": k, "mode": topk_mode}
             else:
                 raise UserError(f"unknown --topk-mode {topk_mode!r}; use pooled or per-token")
-            ev = search_mod.combine(float("nan"), _passes(m, batches, rule, positions, progress, metric))
+            parts = _passes(m, batches, rule, positions, progress, metric)
+            ev = search_mod.combine(float("nan"), parts)
             static_th = _static_for(metric, rule, m.n_layers, eps)
+            if rule.kind == "topk_pooled":
+                zero_aware, notes = _topk_zero_cut(m, batches, rule, parts, positions, progress)
     if cett_tau is not None:
         th = ev.thresholds.mean(0).tolist()
         static_th = Thresholds("cett", th, params={**params, "tau": cett_tau})
     if static_th is not None:
         static_th.model, static_th.metric = name, metric
     static = None
+    t_static = time.perf_counter()
     if static_check and static_th is not None and cett_tau is not None:
+        if progress:
+            print("[static check] re-applying the exported per-layer thresholds (their mean over batches) to the "
+                  "same data: what thresholds.json gives when frozen", file=sys.stderr, flush=True)
         sev = search_mod.combine(cett_tau, _passes(m, batches, static_th.rule(m.device), positions, progress,
                                                     "static check"))
         static = {"ppl_ratio": sev.ppl_ratio, "activation_ratio": sev.activation_ratio}
-    return _finish(m, ev, name, metric, params, positions, len(batches), cett_tau, search_json, static, regime,
-                   static_th, time.perf_counter() - t0)
+    t_static = time.perf_counter() - t_static
+    out = _finish(m, ev, name, metric, params, positions, len(batches), cett_tau, search_json, static, regime,
+                  static_th, time.perf_counter() - t0)
+    out.timings["static_check_s"] = t_static
+    out.reached = not (search_json and search_json.get("message"))
+    out.zero_aware_activation_ratio, out.notes = zero_aware, notes
+    if not out.reached:
+        out.notes.append(f"{out.label} not reached: {search_json['message']}")
+    return out
+
+
+def _accepted(res, search: str, tol: float) -> str:
+    """The tolerance the search accepted its answer within, in words (for the closing line and the JSON)."""
+    if search == "reference":
+        return f"tau bisected to {tol:g}"
+    loose = search_mod.LOOSE * max(1.0, min(search_mod.LOOSE_MAX / search_mod.LOOSE,
+                                            math.sqrt(max(1.0, search_mod.LOOSE_TOKENS / res.evaluation.tokens))))
+    return f"{100 * loose:.3g}% of the PPL ratio (its sampling noise on {res.evaluation.tokens} tokens)"
+
+
+def _topk_zero_cut(m: Model, batches, rule: Rule, parts, positions: str, progress: bool
+                   ) -> tuple[float | None, list[str]]:
+    """Pooled Top-k keeps |s| >= cut; where the cut is 0 (more than the kept fraction of s is exactly 0, as
+    on ReLU models) it counts exact zeros as active. The authors' count stays the headline; this gives the
+    zero-aware ratio beside it (those layer-batches counted as `--metric zero` does) and a note."""
+    cuts = torch.stack([torch.stack([c.float().cpu() for c in rule.recorded[i]]) for i in range(m.n_layers)]).T
+    zero = cuts <= 0  # (batches, layers)
+    if not bool(zero.any()):
+        return None, []
+    zparts = _passes(m, batches, Rule("zero"), positions, progress, "zero-aware count")
+    kept = torch.stack([torch.where(zero[b], zr.kept.cpu(), r.kept.cpu())
+                        for b, ((_, r, _), (_, zr, _)) in enumerate(zip(parts, zparts))]).sum(0)
+    tokens = sum(r.tokens for _, r, _ in parts)
+    ratio = float((kept / (tokens * m.d_ff)).mean())
+    layers = sorted({int(i) for i in zero.nonzero()[:, 1]})
+    note = (f"the pooled Top-k cut is 0 in {int(zero.sum())} of {zero.numel()} layer-batches (layers "
+            f"{', '.join(map(str, layers))}): exact zeros count as active there, as in the authors' code; "
+            f"not counting them, the activation ratio is {ratio:.4f}")
+    return ratio, [note]
 
 
 def _static_for(metric: str, rule: Rule, n_layers: int, eps: float | None) -> Thresholds | None:
@@ -270,6 +341,9 @@ class Tradeoff:
         return [out / "tradeoff.json", plots.tradeoff(self, out / "tradeoff.png")]
 
 
+TRADEOFF_FILES = ("tradeoff.json", "tradeoff.png")
+
+
 def _fat_eps(m: Model, ids: torch.Tensor, keep: tuple[float, ...]) -> list[float]:
     """FAT's eps values that keep about the given fractions of neurons, from one batch's dense |s|."""
     samples: list[torch.Tensor] = []
@@ -302,13 +376,18 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
     acc: dict[int, list] = {j: [] for j in range(len(rules))}
     counter = search_mod.PassCounter(len(batches))
     dense_losses = []
-    for ids in tqdm(batches, desc="tradeoff", disable=not progress, file=sys.stderr):
+    bar = tqdm(total=len(batches) * len(rules), desc="tradeoff points", disable=not progress, file=sys.stderr,
+               unit="point")
+    for b, ids in enumerate(batches):
         st = search_mod.BatchState(m, ids, positions, counter)
         dense_losses.append(st.loss_dense)
-        for j, (_metric, _, value, rule) in enumerate(rules):
+        for j, (metric, _, value, rule) in enumerate(rules):
+            bar.set_postfix_str(f"batch {b + 1}/{len(batches)}, {metric} {value:.3g}", refresh=False)
             use = rule if rule is not None else Rule("cett", thresholds=st.search.thresholds(value))
             acc[j].append((st.loss_dense, run_pass(m, ids, use, positions), torch.zeros(m.n_layers)))
+            bar.update()
         del st
+    bar.close()
     points = []
     for j, (metric, pname, value, _rule) in enumerate(rules):
         ev = search_mod.combine(value, acc[j])

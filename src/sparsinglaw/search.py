@@ -134,6 +134,13 @@ def combine(tau: float, parts: list[tuple[float, PassResult, torch.Tensor]]) -> 
     return ev
 
 
+def _bar(items, desc: str, progress: bool, total: int | None = None):
+    """A progress bar with ETA on stderr, removed when done (the search prints one line per tau)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, disable=not progress, file=sys.stderr, leave=False)
+
+
 def _say(msg: str, progress: bool) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
@@ -546,7 +553,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
          + (f", {len(rest)} more batches streamed" if rest else ""), progress)
     side = SideStream(m.device)
-    states = [BatchState(m, ids, positions, counter, side) for ids in calib]
+    states = [BatchState(m, ids, positions, counter, side) for ids in _bar(calib, "dense pass", progress)]
     history: list[dict] = []
 
     batchwise = Batchwise(len(states), target, min(st.ids.numel() for st in states), early_stop)
@@ -561,13 +568,17 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         # while the next batch's thresholds are searched (on the side stream), and read back at the end
         launch = not batchwise.stops
 
+        bar = _bar(None, f"tau={tau:.6f}", progress, total=len(states))
+
         def one(i: int) -> tuple[tuple, float]:
             hint = states[i - 1].search if i and batchwise.representative else None
             part = evaluate_states(m, [states[i]], tau, positions, counter, detail=True, hint=hint,
                                    launch=launch)[0]
+            bar.update()
             return part, 0.0 if launch else part[1].loss - part[0]
 
         parts = resolved(batchwise.run(one), counter)
+        bar.close()
         ev = combine(tau, parts)
         ev.partial = len(parts) < len(states)
         batchwise.learn(ev)
@@ -618,7 +629,7 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
     while hi - lo > tol:
         tau = (lo + hi) / 2
         parts = []
-        for ids in batches:
+        for ids in _bar(batches, f"tau={tau:.7f}", progress):
             dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
             th = torch.tensor([reference_layer_threshold(h, w[i].to(h.dtype), m.norms[i], tau)
                                for i, h in enumerate(dense.dense_h)], device=m.device)
@@ -636,5 +647,10 @@ def reference_search(m: Model, batches: list[torch.Tensor], p: float, positions:
         else:
             lo = tau
     seconds = time.perf_counter() - t0
+    message = ""  # bisection never moved one end: the target lies outside (0, 1)
+    if hi == 1.0 and ev.ppl_ratio < target:
+        message = f"even tau = {ev.tau:.6f} keeps the PPL ratio at {ev.ppl_ratio:.4f} < target {target:.4f}"
+    elif lo == 0.0 and ev.ppl_ratio > target:
+        message = f"even tau = {ev.tau:.2e} exceeds the target PPL ratio"
     return SearchResult(f"reference(tol={tol:g})", ev.tau, target, ev, history, counter.passes,
-                        counter.passes / len(batches), counter.products, seconds)
+                        counter.passes / len(batches), counter.products, seconds, message)

@@ -125,6 +125,25 @@ def _load(ck_path: Path, device: str, dtype: str) -> tuple[torch.nn.Module, str]
     return lm.model, str(lm.dtype).removeprefix("torch.")
 
 
+def _intact(ck_path: Path, say: Callable[[str], Any]) -> bool:
+    """Whether the checkpoint's weight files are whole (their safetensors headers are read and checked
+    against the file sizes, without loading tensors); a truncated or corrupt one is skipped with one line."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(ck_path.glob("*.safetensors"))
+    if not files:
+        say(f"skipping checkpoint {ck_path.name}: no *.safetensors weights in {ck_path}")
+        return False
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            say(f"skipping checkpoint {ck_path.name}: {f.name} is truncated or corrupt ({str(e).splitlines()[0]})")
+            return False
+    return True
+
+
 def _free(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
@@ -282,7 +301,7 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
 
     run_dir = Path(run_dir)
     info = run_config(run_dir)
-    cks = list_checkpoints(run_dir, log=say)
+    cks = [ck for ck in list_checkpoints(run_dir, log=say) if _intact(ck.path, say)]
     if not cks:
         raise UserError(f"{run_dir} has no complete checkpoint yet; train until the first checkpoint is "
                         "written (or lower --ckpt-every)")
@@ -355,7 +374,9 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
     records = [reusable[ck.path.name] for ck in cks if ck.path.name in reusable]
     todo = [ck for ck in cks if ck.path.name not in reusable]
     path = out / SERIES_FILE
-    for ck in todo:
+    from tqdm.auto import tqdm
+
+    for ck in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not progress, file=sys.stderr, leave=False):
         model = loaded.pop(ck.path.name, None)
         if model is None:
             model, run_dtype = _load(ck.path, device, dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from sparsinglaw import models
+from sparsinglaw.console import parse_tokens  # noqa: F401 - part of sparsinglaw.train's API
 from sparsinglaw.data import Corpus, get_corpus, n_sequences
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
@@ -189,22 +190,6 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: i
             losses.append(model(xy[:, :-1], xy[:, 1:]).float())
     model.train()
     return float(torch.stack(losses).mean())
-
-
-def parse_tokens(text: str | int) -> int:
-    """'20M' -> 20_000_000; accepts K, M, B (or G) suffixes and plain integers / floats."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace("_", "").replace(",", "")
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(s[-1:], 1)
-    num = s[:-1] if mult > 1 else s
-    try:
-        value = float(num) * mult
-    except ValueError:
-        raise UserError(f"cannot read token count '{text}'; use e.g. 20M, 1.5B or 500000") from None
-    if value < 1:
-        raise UserError(f"token count must be positive, got '{text}'")
-    return int(value)
 
 
 def checkpoint_steps(total_steps: int, schedule: str = "linear", every_steps: int = 1, count: int = 24,
