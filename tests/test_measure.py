@@ -397,3 +397,31 @@ def test_cett_rule_drops_neurons_below_threshold_over_column_norm(trained):
     th = torch.tensor([0.05] * m.n_layers)
     r = run_pass(m, batches[0], Rule("cett", thresholds=th), detail=True)
     assert 0 < r.layer_ratio.mean() < 1
+
+
+# --- the reference is the authors' procedure: an independent implementation (tests/authors.py) ------------
+
+def test_reference_search_retraces_an_independent_implementation_of_the_authors(trained):
+    """2 batches of 16 x 128 tokens: 2,048 per batch x 64 neurons, so the grid's stride is 2 and its top the
+    quantile over every other neuron column (the authors' quirk). Every bisection round (tau, PPL ratio,
+    activation ratio) and every per-layer threshold must match, and the answer is the final midpoint."""
+    import authors
+
+    model, train = trained
+    seqs = torch.cat(train).repeat(2, 3)[:, :128]  # the training sequences (period 48), 32 of 128 tokens
+    batches = [seqs[:16], seqs[16:]]
+    ref = reference_search(Model(model), batches, p=1.0, tol=1e-3, progress=False)
+    theirs = authors.cett_ppl(model, batches, 1.0, 1e-3)
+    assert [h["tau"] for h in ref.history] == [r["tau"] for r in theirs]
+    assert len(theirs) == 11 and ref.tau == theirs[-1]["tau"]  # 10 halvings to 1e-3, then the midpoint
+    for h, r in zip(ref.history, theirs):
+        assert h["ppl_ratio"] == pytest.approx(r["ppl_ratio"], rel=1e-6, abs=0)
+        assert h["activation_ratio"] == pytest.approx(r["activation_ratio"], abs=1e-6)
+    ours = ref.evaluation.thresholds
+    assert ours.shape == (2, 2)
+    assert torch.allclose(ours.double(), torch.tensor(theirs[-1]["thresholds"], dtype=torch.float64), rtol=1e-6,
+                          atol=0)
+    # the headline comes with its band, which holds the bisection's answer here (many evaluations near it)
+    b = ref.band
+    assert b is not None and b.tau_interval[0] <= ref.tau <= b.tau_interval[1]
+    assert b.activation_ratio_interval[0] <= ref.evaluation.activation_ratio <= b.activation_ratio_interval[1]

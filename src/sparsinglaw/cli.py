@@ -122,6 +122,8 @@ def fit(
                                               "reach this activation ratio (a fraction, e.g. 0.07)."),
     level: float = typer.Option(0.95, "--level", help="Interval level."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    weighted: bool = typer.Option(False, "--weighted", help="Weight each point by 1/its sigma (a tracked "
+                                  "series' activation_ratio_sigma, from the noise of its PPL ratio)."),
 ) -> None:
     """Fit the sparsing laws: every form side by side, intervals, forecasts, fit.json and plots."""
     from sparsinglaw import laws
@@ -137,7 +139,8 @@ def fit(
     series = [] if wd_table else [laws.load_series(p) for p in paths]
     laws.unique_names(series)
     fits = [laws.fit_series(s, form=form, drop_first=drop_first, min_tokens=min_tokens, auto_drop=auto_drop,
-                            bootstrap=bootstrap, level=level, target_ratio=target_ratio, seed=seed)
+                            bootstrap=bootstrap, level=level, target_ratio=target_ratio, seed=seed,
+                            weighted=weighted)
             for s in series]
     wd = None
     if wd_table:

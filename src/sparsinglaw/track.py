@@ -230,6 +230,8 @@ def measure_checkpoint(model: torch.nn.Module, batches: list[torch.Tensor], tau:
             "layer_ratio": [layer["activation_ratio"] for layer in meas.layers],
             "dead_neuron_ratio": meas.dead_neuron_ratio, "frequency_histogram": meas.frequency_histogram,
             "ppl_ratio_sigma": meas.ppl_ratio_sigma,
+            "activation_ratio_sigma": (meas.ppl_ratio_sigma * abs(a_per_f)
+                                       if meas.ppl_ratio_sigma is not None and a_per_f is not None else None),
             "activation_ratio_interval": point_interval(meas.activation_ratio, meas.ppl_ratio_sigma, a_per_f, noise),
             "seconds": time.perf_counter() - t0}
 
@@ -246,7 +248,8 @@ def point_interval(activation_ratio: float, ppl_ratio_sigma: float | None, a_per
 
 
 _COLUMNS = ("activation_ratio", "ppl", "ppl_dense", "ppl_ratio", "layer_ratio", "dead_neuron_ratio",
-            "frequency_histogram", "val_loss", "ppl_ratio_sigma", "activation_ratio_interval")
+            "frequency_histogram", "val_loss", "ppl_ratio_sigma", "activation_ratio_sigma",
+            "activation_ratio_interval")
 
 
 def _series(records: list[dict], meta: dict, tau: float, calibration: dict, settings: dict) -> dict:
