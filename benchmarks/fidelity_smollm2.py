@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-
 import platform
 import sys
 import time
@@ -95,10 +94,9 @@ def main() -> None:
         steps = [{"tau": r["tau"], "ppl_ratio_theirs": r["ppl_ratio"], "ppl_ratio_ours": h["ppl_ratio"],
                   "activation_ratio_theirs": r["activation_ratio"], "activation_ratio_ours": h["activation_ratio"]}
                  for h, r in zip(ref.history, theirs)]
+        diff = max(abs(s["ppl_ratio_theirs"] - s["ppl_ratio_ours"]) for s in steps)
         out["retrace"] = {"same_taus": [h["tau"] for h in ref.history] == [r["tau"] for r in theirs],
-                          "rounds": len(theirs), "max_ppl_ratio_diff": max(abs(s["ppl_ratio_theirs"] - s["ppl_ratio_ours"])
-                                                                           for s in steps),
-                          "steps": steps}
+                          "rounds": len(theirs), "max_ppl_ratio_diff": diff, "steps": steps}
         print({k: v for k, v in out["retrace"].items() if k != "steps"}, flush=True)
     out["seconds"] = time.perf_counter() - t0
     path = ROOT / "benchmarks" / "results" / "fidelity_smollm2_cpu.json"
