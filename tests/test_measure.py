@@ -425,3 +425,35 @@ def test_reference_search_retraces_an_independent_implementation_of_the_authors(
     b = ref.band
     assert b is not None and b.tau_interval[0] <= ref.tau <= b.tau_interval[1]
     assert b.activation_ratio_interval[0] <= ref.evaluation.activation_ratio <= b.activation_ratio_interval[1]
+
+
+@pytest.mark.slow
+def test_smollm2_thresholds_and_bisection_are_the_authors():
+    """SmolLM2-135M, fp32 CPU, 2,048 tokens (4 x 512: stride 48 divides d_f 1,536, so the grid's top is the
+    quantile of 32 neuron columns): at tau 0.1 every layer's threshold equals the independent
+    implementation's (both searches), the activation ratio within 1e-4; the reference retraces their
+    bisection round by round (tol 0.05: 5 halvings and the final midpoint). About 10 minutes on one thread."""
+    import authors
+
+    from sparsinglaw.data import eval_batches
+    from sparsinglaw.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu", dtype="fp32")
+    batches = eval_batches(lm.tokenizer, None, 2048, 512, 4)
+    model, m = lm.model, Model(lm.model)
+    assert metrics.grid_stride(2048 * 1536) == 48
+    _, hs = authors.dense(model, batches[0])
+    theirs = [authors.layer_threshold(h, d.weight, 0.1) for h, d in zip(hs, authors._downs(model))]
+    dense = run_pass(m, batches[0], Rule("dense"), capture=True)
+    ref = [metrics.reference_layer_threshold(h, m.w_stack[i], m.norms[i], 0.1) for i, h in enumerate(dense.dense_h)]
+    fast = metrics.ThresholdSearch(metrics.DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)).thresholds(0.1)
+    assert ref == pytest.approx(theirs, rel=1e-6, abs=0) and fast.tolist() == pytest.approx(theirs, rel=1e-6, abs=0)
+    _, act = authors.sparse(model, batches[0], theirs)
+    ours = run_pass(m, batches[0], Rule("cett_authors", thresholds=torch.tensor(ref)), detail=True)
+    assert abs(float(ours.layer_ratio.mean()) - act) <= 1e-4
+    res = reference_search(m, batches, p=1.0, tol=0.05, progress=False)
+    steps = authors.cett_ppl(model, batches, 1.0, 0.05)
+    assert [h["tau"] for h in res.history] == [s["tau"] for s in steps] and len(steps) == 6
+    for h, s in zip(res.history, steps):
+        assert h["ppl_ratio"] == pytest.approx(s["ppl_ratio"], rel=1e-6, abs=0)
+        assert abs(h["activation_ratio"] - s["activation_ratio"]) <= 1e-4
