@@ -373,6 +373,17 @@ def test_static_thresholds_roundtrip_and_sparsify_reproduce_static_check(trained
     model, batches = trained
     meas = measure(model, batches, "ppl", p=1.0, progress=False)
     assert meas.static is not None
+    # the headline (the monotone fit's crossing) with its band, and the search's evaluated answer
+    d = meas.to_json()
+    lo, hi = d["activation_ratio_interval"]
+    assert lo <= d["activation_ratio"] <= hi and d["tau_interval"][0] <= d["cett"] <= d["tau_interval"][1]
+    assert d["ppl_ratio_sigma"] > 0 and d["uncertainty"]["level"] == 0.95 and d["uncertainty"]["resamples"] == 1000
+    assert d["search"]["acceptance"]["loose"] == 3e-4 and d["search"]["status"] == 0
+    ev = d["search"]["evaluated"]
+    assert ev["ppl_ratio"] == d["ppl_ratio"] and lo <= ev["activation_ratio"] <= hi
+    assert meas.thresholds.params["tau"] == ev["tau"]  # the exported thresholds are the evaluated answer's
+    summary = meas.summary()
+    assert f"[{lo:.4f}, {hi:.4f}]" in summary and "95% band" in summary and "evaluated answer" in summary
     meas.thresholds.save(tmp_path / "thresholds.json")
     th = Thresholds.load(tmp_path / "thresholds.json")
     assert th.thresholds == pytest.approx(meas.thresholds.thresholds)
