@@ -111,10 +111,10 @@ def replay_fast(m: Model, batches, args):
     taus = [float(x) for x in args.replay_taus.split(",")]
     counter = s.PassCounter(len(batches))
     t0 = time.perf_counter()
-    states = [s.BatchState(m, ids, "all", counter) for ids in batches]
+    engine = s.FastSearch(m, batches, "all", counter)
     history = []
     for tau in taus:
-        ev = s.combine(tau, s.evaluate_states(m, states, tau, "all", counter, detail=True))
+        ev = engine.evaluate(tau, lockstep=True)
         history.append(ev.brief())
     return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
                           counter.passes / len(batches), counter.products, time.perf_counter() - t0,

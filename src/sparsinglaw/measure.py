@@ -335,12 +335,13 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
     counter = search_mod.PassCounter(len(batches))
     dense_losses = []
     for ids in tqdm(batches, desc="tradeoff", disable=not progress, file=sys.stderr):
-        st = search_mod.BatchState(m, ids, positions, counter)
-        dense_losses.append(st.loss_dense)
+        engine = search_mod.FastSearch(m, [ids], positions, counter)
+        (dense,) = engine.dense_passes
+        dense_losses.append(dense.loss)
         for j, (_metric, _, value, rule) in enumerate(rules):
-            use = rule if rule is not None else Rule("cett", thresholds=st.search.thresholds(value))
-            acc[j].append((st.dense_pass, run_pass(m, ids, use, positions), torch.zeros(m.n_layers)))
-        del st
+            use = rule if rule is not None else Rule("cett", thresholds=engine.thresholds(value)[0])
+            acc[j].append((dense, run_pass(m, ids, use, positions), torch.zeros(m.n_layers)))
+        del engine
     points = []
     for j, (metric, pname, value, _rule) in enumerate(rules):
         ev = search_mod.combine(value, acc[j])

@@ -265,6 +265,56 @@ def stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, co
     return parts
 
 
+class FastSearch:
+    """The CETT engine over held batches: each batch's dense pass, intermediates and candidate grids once
+    (`BatchState`), then a sparse evaluation at any tau, the per-layer thresholds memoised across taus.
+    What the tau solver, tracking, `tradeoff` and the benchmarks call.
+
+    `evaluate(tau)` runs the batches one after the other, each batch's sparse pass left running while the
+    next one's thresholds are searched, the previous batch's thresholds its first guess where batches are
+    large enough to agree; `lockstep=True` steps every batch's search together instead (one host sync per
+    step for all of them: better for many small batches)."""
+
+    def __init__(self, m: Model, batches: list[torch.Tensor], positions: str = "all",
+                 counter: PassCounter | None = None, side: SideStream | None = None):
+        self.m, self.positions = m, positions
+        self.counter = counter or PassCounter(len(batches))
+        self.states = [BatchState(m, ids, positions, self.counter, side) for ids in batches]
+        # a batch's thresholds at a tau are the next batch's first guess where batches are large enough to
+        # agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on 1K-token
+        # batches of SmolLM2-135M they added 7%)
+        self.hinted = len(self.states) > 1 and min(st.ids.numel() for st in self.states) >= HINT_TOKENS
+
+    @property
+    def dense_passes(self) -> list[PassResult]:
+        """Each batch's dense pass (loss and block losses; no intermediates)."""
+        return [st.dense_pass for st in self.states]
+
+    def thresholds(self, tau: float) -> list[torch.Tensor]:
+        """Each batch's per-layer thresholds at tau."""
+        return thresholds_all([st.search for st in self.states], tau)
+
+    def parts(self, tau: float, detail: bool = True, lockstep: bool = False
+              ) -> list[tuple[PassResult, PassResult, torch.Tensor]]:
+        """Per batch (dense pass, sparse pass at tau, thresholds)."""
+        if lockstep:
+            return evaluate_states(self.m, self.states, tau, self.positions, self.counter, detail)
+        out = []
+        for i, st in enumerate(self.states):
+            hint = self.states[i - 1].search if i and self.hinted else None
+            out += evaluate_states(self.m, [st], tau, self.positions, self.counter, detail=detail, hint=hint,
+                                   launch=True)
+        return resolved(out, self.counter)
+
+    def evaluate(self, tau: float, detail: bool = True, lockstep: bool = False) -> Evaluation:
+        return combine(tau, self.parts(tau, detail, lockstep))
+
+    def drop_products(self) -> None:
+        """Free every batch's kept products (see `DenseLayers.drop_products`)."""
+        for st in self.states:
+            st.search.dense.drop_products()
+
+
 def split_calibration(batches: list[torch.Tensor], calib_tokens: int | None) -> tuple[list, list]:
     """Batches whose dense intermediates are held during the tau search, and the rest (streamed).
 
@@ -286,7 +336,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
                 calib_tokens: int | None = None, acceptance: Acceptance | None = None, tau0: float = 0.1,
                 progress: bool = True, max_evals: int = 40, noise: Noise | None = None) -> SearchResult:
     """CETT-PPL-p% by the memoised search (see the module's docstring); `band` on the result is the
-    crossing of a monotone fit of F(tau) over every full evaluation, with its interval (`noise`)."""
+    crossing of a monotone fit of F(tau) over every evaluation of the whole set, with its interval
+    (`noise`); where batches are streamed, the held batches' evaluations give the slopes beyond them."""
     target = check_p(p)
     acceptance = acceptance or Acceptance()
     t0 = time.perf_counter()
@@ -295,24 +346,14 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
          + (f", {len(rest)} more batches streamed" if rest else ""), progress)
     side = SideStream(m.device)
-    states = [BatchState(m, ids, positions, counter, side) for ids in calib]
+    engine = FastSearch(m, calib, positions, counter, side)
     history: list[dict] = []
     held: list[Evaluation] = []  # every evaluation of the held batches
-    # a batch's thresholds at a tau are the next batch's first guess where batches are large enough to
-    # agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on 1K-token
-    # batches of SmolLM2-135M they added 7%)
-    hinted = len(states) > 1 and min(st.ids.numel() for st in states) >= HINT_TOKENS
 
     def evaluate(tau: float) -> Evaluation:
-        """All held batches at tau, one after the other: a batch's sparse pass is left running while the
-        next batch's thresholds are searched (on the side stream), and read back at the end."""
-        parts = []
-        for i, st in enumerate(states):
-            hint = states[i - 1].search if i and hinted else None
-            parts += evaluate_states(m, [st], tau, positions, counter, detail=True, hint=hint, launch=True)
-        ev = combine(tau, resolved(parts, counter))
+        ev = engine.evaluate(tau)
         held.append(ev)
-        history.append({**ev.brief(), "batches": len(parts)})
+        history.append({**ev.brief(), "batches": len(engine.states)})
         _say(f"  tau={tau:.6f}  ppl_ratio={ev.ppl_ratio:.5f}  activation_ratio={ev.activation_ratio:.4f}",
              progress)
         return ev
@@ -324,9 +365,8 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         # stream the rest at the calibrated tau; correct tau if the full set disagrees beyond the tolerance
         evaluations = []
         for _ in range(3):
-            parts = evaluate_states(m, states, ev.tau, positions, counter, detail=True)
-            for st in states:  # room for the streamed batch in flight
-                st.search.dense.drop_products()
+            parts = engine.parts(ev.tau, lockstep=True)
+            engine.drop_products()  # room for the streamed batch in flight
             parts += stream(m, rest, ev.tau, positions, counter, detail=True, side=side)
             full = combine(ev.tau, parts)
             evaluations.append(full)
@@ -344,7 +384,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     return SearchResult("fast", ev.tau, target, ev, history, counter.passes, counter.passes / len(batches),
                         counter.products, seconds, "" if solved.success else solved.message,
                         breakdown=counter.seconds, updated_products=counter.updates, acceptance=acceptance,
-                        status=solved.status, band=band(evaluations, target, noise),
+                        status=solved.status, band=band(evaluations, target, noise, shape=held if rest else None),
                         evaluations=evaluations)
 
 

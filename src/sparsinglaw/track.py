@@ -26,12 +26,11 @@ from transformers import TrainerCallback
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.search import (
-    BatchState,
     Evaluation,
+    FastSearch,
     PassCounter,
     check_p,
     combine,
-    evaluate_states,
     fast_search,
     stream,
 )
@@ -171,7 +170,7 @@ def calibrate(models: list[tuple[str, torch.nn.Module]], batches: list[torch.Ten
                         else CPU_STATE_BUDGET)
     keep = need <= state_budget
     counter = PassCounter(len(batches) * len(ms))
-    states = [[BatchState(m, ids, positions, counter) for ids in batches] for _, m in ms] if keep else None
+    states = [FastSearch(m, batches, positions, counter) for _, m in ms] if keep else None
     log(f"calibrating one tau on {', '.join(n for n, _ in ms)} "
         f"({'dense passes held' if keep else 'streamed: dense intermediates exceed the memory budget'})")
     per_tau: dict[float, list[Evaluation]] = {}
@@ -180,9 +179,8 @@ def calibrate(models: list[tuple[str, torch.nn.Module]], batches: list[torch.Ten
     def evaluate(tau: float) -> Evaluation:
         evs = []
         for j, (_, m) in enumerate(ms):
-            parts = (evaluate_states(m, states[j], tau, positions, counter, detail=False) if keep
-                     else stream(m, batches, tau, positions, counter, detail=False))
-            evs.append(combine(tau, parts))
+            evs.append(states[j].evaluate(tau, detail=False, lockstep=True) if keep
+                       else combine(tau, stream(m, batches, tau, positions, counter, detail=False)))
         per_tau[tau] = evs
         mean = sum(e.ppl_ratio for e in evs) / len(evs)
         log(f"  tau={tau:.6f}  mean PPL ratio {mean:.5f}  ("
