@@ -87,6 +87,7 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
             "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
             "taus": [h["tau"] for h in res.history], "history": res.history, "breakdown_s": res.breakdown,
+            "band": res.band.to_json() if res.band is not None else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
