@@ -61,13 +61,17 @@ class TrackResult:
 
     def summary(self) -> str:
         s = self.series
+        cal = (s.get("calibration") or {}).get("band")
+        band = f" [{cal['tau_interval'][0]:.5f}, {cal['tau_interval'][1]:.5f}]" if cal else ""
         lines = [self.message,
-                 f"tau {s['tau']:.5f} (CETT-PPL-{s['p']:g}%), {len(s['tokens'])} checkpoints, "
+                 f"tau {s['tau']:.5f}{band} (CETT-PPL-{s['p']:g}%), {len(s['tokens'])} checkpoints, "
                  f"{s['settings']['tokens']} validation tokens each; measured {len(self.measured)}, "
                  f"kept {len(self.reused)} ({self.seconds:.1f} s)",
-                 f"{'checkpoint':<14} {'tokens':>12} {'act. ratio':>10} {'PPL ratio':>9} {'dead':>7}"]
+                 f"{'checkpoint':<14} {'tokens':>12} {'act. ratio':>10} {'95% +-':>7} {'PPL ratio':>9} {'dead':>7}"]
         for i, ck in enumerate(s["checkpoints"]):
-            lines.append(f"{ck['name']:<14} {s['tokens'][i]:>12,} {s['activation_ratio'][i]:>10.4f} "
+            iv = (s.get("activation_ratio_interval") or [None] * (i + 1))[i]
+            half = f"{(iv[1] - iv[0]) / 2:>7.4f}" if iv else f"{'':>7}"
+            lines.append(f"{ck['name']:<14} {s['tokens'][i]:>12,} {s['activation_ratio'][i]:>10.4f} {half} "
                          f"{s['ppl_ratio'][i]:>9.5f} {s['dead_neuron_ratio'][i]:>7.4f}")
         return "\n".join(lines)
 
