@@ -1,4 +1,4 @@
-"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model (the paper's Section 3).
+"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model (docs/cett-ppl-search.md).
 
 Two searches:
 - `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes
