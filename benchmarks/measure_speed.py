@@ -87,6 +87,7 @@ def run_one(kind: str, m: Model, batches, args, device) -> dict:
             "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "target": res.target, "message": res.message,
             "taus": [h["tau"] for h in res.history], "history": res.history, "breakdown_s": res.breakdown,
+            "band": res.band.to_json() if res.band is not None else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
@@ -111,10 +112,10 @@ def replay_fast(m: Model, batches, args):
     taus = [float(x) for x in args.replay_taus.split(",")]
     counter = s.PassCounter(len(batches))
     t0 = time.perf_counter()
-    states = [s.BatchState(m, ids, "all", counter) for ids in batches]
+    engine = s.FastSearch(m, batches, "all", counter)
     history = []
     for tau in taus:
-        ev = s.combine(tau, s.evaluate_states(m, states, tau, "all", counter, detail=True))
+        ev = engine.evaluate(tau, lockstep=True)
         history.append(ev.brief())
     return s.SearchResult("fast-replay", taus[-1], 1 + args.p / 100, ev, history, counter.passes,
                           counter.passes / len(batches), counter.products, time.perf_counter() - t0,

@@ -59,16 +59,17 @@ def main() -> None:
     for i in range(args.slices):
         t0 = time.perf_counter()
         counter = s.PassCounter(per)
-        states = [s.BatchState(m, ids, "all", counter) for ids in every[i * per:(i + 1) * per]]
+        engine = s.FastSearch(m, every[i * per:(i + 1) * per], "all", counter)
+        states = engine.states
         ppl, act = [], []
         for tau in taus:
-            parts = s.evaluate_states(m, states, tau, "all", counter, detail=False)
-            ppl.append([math.exp(r.loss - dl) for dl, r, _ in parts])
+            parts = engine.parts(tau, detail=False, lockstep=True)
+            ppl.append([math.exp(r.loss - d.loss) for d, r, _ in parts])
             act.append([float(r.layer_ratio.mean()) for _, r, _ in parts])
         curves.append({"slice": i, "batches": len(states), "batch_tokens": states[0].ids.numel(),
                        "batch_ppl_ratio": ppl, "batch_activation_ratio": act})
         print(f"slice {i}: {len(taus)} taus x {len(states)} batches in {time.perf_counter() - t0:.1f} s", flush=True)
-        del states
+        del states, engine
     result = {"benchmark": "ppl_curves", "date": dt.datetime.now(dt.timezone.utc).isoformat(), "model": lm.name,
               "tokens": args.tokens, "seq_len": args.seq_len, "taus": taus, "curves": curves,
               "hardware": {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

@@ -245,7 +245,7 @@ def grids_part(out: dict) -> None:
     """The fixed cost of one batch between its dense pass and its first probe (the search's `grids`
     phase), at the 0.1B FFN shape (16 layers, 16K tokens, d_h 768, d_f 1920) on random h and W: the
     whole of DenseLayers.build and grids(), each piece alone, and the top kernels of both."""
-    from sparsinglaw.metrics import QUANTILE_MAX, DenseLayers, _neuron_norms, _quantile99, _rownorm
+    from sparsinglaw.metrics import DenseLayers, _neuron_norms, _quantile99, _rownorm, grid_stride
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -255,7 +255,7 @@ def grids_part(out: dict) -> None:
     w = torch.randn(n_layers, d_h, d_f, device=dev, generator=g).to(torch.bfloat16)
     norms = w.float().norm(dim=1)
     dl = DenseLayers.build(hs, w, norms)
-    stride = max(1, -(-m * d_f // QUANTILE_MAX))
+    stride = grid_stride(m * d_f)
     a0 = _neuron_norms(dl.h[0], norms[0]).reshape(1, -1)
     sub = a0[:, ::stride]
     r = {"build_ms": timed(lambda: DenseLayers.build(hs, w, norms)), "grids_ms": timed(dl.grids),

@@ -34,14 +34,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from sparsinglaw.search import Batchwise, solve_tau
+from sparsinglaw.solver import Point, TauSolver
 
 TARGET = 1.01
 
 
 def curve(tau_star: float, k: float, noise: float, seed: int, bend: float = 0.0, hetero: float = 0.0):
-    """(full, evaluate, act, state) for one synthetic model and sample: evaluate(tau) runs the batches as
-    the fast search does (in order, stopping early when F is clearly off).
+    """(full, evaluate, act, state) for one synthetic model and sample: evaluate(tau) runs every batch, as
+    the fast search does.
 
     Batch b: ln ln F_b = ln ln target + off_b + k_b u (1 + bend tanh u), u = ln(tau / tau_star), with
     off_b ~ N(0, 0.25) and k_b = k exp(N(0, hetero)) (batches whose ratio to the set drifts with tau),
@@ -63,29 +63,24 @@ def curve(tau_star: float, k: float, noise: float, seed: int, bend: float = 0.0,
     def act(tau: float) -> float:
         return 0.16 - 0.2 * math.log(tau / tau_star)
 
-    full, evaluate, state = searched(lambda tau: batch_ratios(tau, 4), act, Batchwise(4, TARGET))
+    full, evaluate, state = searched(lambda tau: batch_ratios(tau, 4), act, 4)
     return full, evaluate, act, state
 
 
-def searched(ratios, act, batchwise: Batchwise, tokens: int | None = None):
+def searched(ratios, act, n: int, tokens: int | None = None):
     """(full, evaluate, state) of a curve given every batch's F at tau (`ratios(tau)`): `full` is the
-    whole set's F, for the bisection; `evaluate` runs the batches as the fast search does (in order,
-    through `batchwise`), counting batches and evaluations in `state`."""
-    n = batchwise.n
+    whole set's F, for the bisection; `evaluate` gives the solver's Point, counting batches and
+    evaluations in `state`."""
     state = {"batches": 0, "evaluations": 0}
 
     def full(tau: float):
         return SimpleNamespace(tau=tau, ppl_ratio=sum(ratios(tau)) / n)
 
-    def evaluate(tau: float):
+    def evaluate(tau: float) -> Point:
         r = ratios(tau)
-        got = batchwise.run(lambda i: (r[i], math.log(r[i])))
-        state["batches"] += len(got)
+        state["batches"] += n
         state["evaluations"] += 1
-        ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < n,
-                             activation_ratio=act(tau), tokens=tokens)
-        batchwise.learn(ev)
-        return ev
+        return Point(tau, sum(r) / n, act(tau), tokens)
 
     return full, evaluate, state
 
@@ -115,7 +110,7 @@ FAMILIES = {  # curve shapes seen on H200 runs: straight, batches drifting apart
 FIXED_S, PER_BATCH_S, REFERENCE_S = 0.122, 0.031, 13.0
 
 
-def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = None, early_stop: bool = False):
+def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = None):
     """(full, evaluate, act, state) replaying one measured slice: ln F and activation ratio of every batch
     (taken in `order`), linear in ln tau between grid points."""
     xs = [math.log(t) for t in taus]
@@ -136,8 +131,7 @@ def real_curve(taus: list[float], curve: dict, order: tuple[int, ...] | None = N
     def act(tau: float) -> float:
         return sum(at(acts, tau, b) for b in range(n)) / n
 
-    full, evaluate, state = searched(ratios, act, Batchwise(n, TARGET, curve["batch_tokens"], early_stop),
-                                     tokens=n * curve["batch_tokens"])
+    full, evaluate, state = searched(ratios, act, n, tokens=n * curve["batch_tokens"])
     return full, evaluate, act, state
 
 
@@ -173,27 +167,23 @@ def save(name: str, rows: list[dict], **extra) -> None:
 
 
 def replay(files: list[str]) -> None:
-    """The solver on every measured slice, in every batch order (which batch comes first matters when an
-    evaluation may stop early), with and without early stopping."""
-    rows = []
-    for early in (False, True):
-        cases, speedups = [], []
-        for f in files:
-            d = json.loads(Path(f).read_text())
-            for c in d["curves"]:
-                for order in itertools.permutations(range(c["batches"])):
-                    full, evaluate, act, state = real_curve(d["taus"], c, order, early)
-                    ref_tau, _ = bisection(full, 1e-6)
-                    ev, msg = solve_tau(evaluate, TARGET)
-                    cases.append((state["batches"] / c["batches"], act(ev.tau) - act(ref_tau),
-                                  abs(ev.ppl_ratio / TARGET - 1), bool(msg)))
-                    speedups.append(REFERENCE_S / (FIXED_S + PER_BATCH_S * state["batches"]))
-        rows.append({"early_stop": early, **summary(cases), "est_speedup_min": min(speedups),
-                     "est_speedup_ge_20": sum(x >= 20 for x in speedups) / len(speedups)})
-    table(rows, "early stop", "{early_stop!s}")
-    for r in rows:
-        print(f"early stop {r['early_stop']!s}: estimated speed-up against tol 1e-6 at least "
-              f"{r['est_speedup_min']:.1f}x, >= 20x in {100 * r['est_speedup_ge_20']:.0f}% of cases")
+    """The solver on every measured slice, in every batch order (the order of the batch means)."""
+    cases, speedups = [], []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        for c in d["curves"]:
+            for order in itertools.permutations(range(c["batches"])):
+                full, evaluate, act, state = real_curve(d["taus"], c, order)
+                ref_tau, _ = bisection(full, 1e-6)
+                res = TauSolver(TARGET).solve(evaluate)
+                cases.append((state["batches"] / c["batches"], act(res.tau) - act(ref_tau),
+                              abs(res.point.ppl_ratio / TARGET - 1), not res.success))
+                speedups.append(REFERENCE_S / (FIXED_S + PER_BATCH_S * state["batches"]))
+    rows = [{**summary(cases), "est_speedup_min": min(speedups),
+             "est_speedup_ge_20": sum(x >= 20 for x in speedups) / len(speedups)}]
+    table(rows, "curves", "real")
+    print(f"estimated speed-up against tol 1e-6 at least {rows[0]['est_speedup_min']:.1f}x, >= 20x in "
+          f"{100 * rows[0]['est_speedup_ge_20']:.0f}% of cases")
     save("solver_replay", rows, curves=[Path(f).name for f in files],
          costs_s={"fixed": FIXED_S, "per_batch": PER_BATCH_S, "reference": REFERENCE_S})
 
@@ -212,9 +202,10 @@ def main() -> None:
                         full, evaluate, act, state = curve(tau_star, k, noise, seed, **shape)
                         ref_tau, _ = bisection(full, 1e-6)
                         trend_tau, _ = bisection(curve(tau_star, k, 0.0, seed, **shape)[0], 1e-9)
-                        ev, msg = solve_tau(evaluate, TARGET)
-                        cases.append((state["batches"] / 4, act(ev.tau) - act(ref_tau),
-                                      abs(ev.ppl_ratio / TARGET - 1), bool(msg), act(trend_tau) - act(ref_tau)))
+                        res = TauSolver(TARGET).solve(evaluate)
+                        cases.append((state["batches"] / 4, act(res.tau) - act(ref_tau),
+                                      abs(res.point.ppl_ratio / TARGET - 1), not res.success,
+                                      act(trend_tau) - act(ref_tau)))
             rows.append({"family": family, **shape, "noise": noise, **summary(cases)})
     table(rows, "family", "{family} {noise:.0e}")
     save("solver_sim", rows)

@@ -353,3 +353,27 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, content):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_weighted_fit_is_scipy_curve_fit_with_sigma():
+    """fit_form(sigma=...) against scipy's curve_fit(sigma=..., absolute_sigma=False): same optimum."""
+    from scipy.optimize import curve_fit
+
+    tokens, A = paper_curve("silu-0.1B", n=30, seed=2)
+    D = tokens / 1e9
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(0.0005, 0.004, size=D.size)
+    A = A + rng.normal(0, 1, size=D.size) * sigma
+    fit = laws.fit_form("silu", D, A, sigma=sigma)
+    plain = laws.fit_form("silu", D, A)
+
+    def silu(D, c, alpha, A0):
+        return -c * D ** (-alpha) + A0
+
+    p0 = [fit.params["c"], fit.params["alpha"], fit.params["A0"]]
+    ref, _ = curve_fit(silu, D, A, p0=p0, sigma=sigma, maxfev=20000)
+    assert fit.success and "weighted" in fit.message
+    assert [fit.params[k] for k in ("c", "alpha", "A0")] == pytest.approx(list(ref), rel=1e-4)
+    assert plain.params["A0"] != pytest.approx(fit.params["A0"], rel=1e-6)  # the weights matter
+    with pytest.raises(UserError, match="positive, finite sigma"):
+        laws.fit_form("silu", D, A, sigma=np.zeros(D.size))

@@ -11,7 +11,7 @@ import torch
 
 from sparsinglaw import metrics
 from sparsinglaw.measure import measure, metric_label
-from sparsinglaw.search import fast_search, reference_search, solve_tau
+from sparsinglaw.search import fast_search, reference_search
 from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass, sparsify
 
 
@@ -118,11 +118,11 @@ def test_grids_are_the_reference_grid_for_any_size(m, d_f):
         assert torch.equal(grids[i], metrics.reference_grid(h[i].abs().float() * norms[i]))
 
 
-@pytest.mark.parametrize("m,d_f", [(128, 256), (127, 257), (40, 100)])
-def test_grids_from_strided_columns_are_the_reference_grid(m, d_f, monkeypatch):
-    # a small limit reaches every path: stride 2 over whole columns (d_f even) or not (odd), or none, with
-    # a kept (the unfused probe) or not (fused: a of the strided columns only, min a from column minima)
-    monkeypatch.setattr(metrics, "QUANTILE_MAX", 1 << 14)
+@pytest.mark.parametrize("m,d_f", [(512, 256), (600, 257), (1024, 96), (300, 1536), (40, 100)])
+def test_grids_from_strided_columns_are_the_reference_grid(m, d_f):
+    # the authors' stride numel // 65536 reaches every path: whole columns (512 x 256, 1024 x 96: stride 2
+    # divides d_f), a stride across rows (600 x 257: 2; 300 x 1536: 7), or none (40 x 100), with a kept
+    # (the unfused probe) or not (fused: a of the strided columns only, min a from column minima)
     torch.manual_seed(m + d_f)
     h = (torch.randn(2, m, d_f) * torch.rand(2, 1, d_f) * 2).to(torch.bfloat16)
     norms = torch.rand(2, d_f) + 0.5
@@ -133,6 +133,30 @@ def test_grids_from_strided_columns_are_the_reference_grid(m, d_f, monkeypatch):
         grids = dl.grids()
         for i in range(2):
             assert torch.equal(grids[i], metrics.reference_grid(a[i])), (i, kept is None)
+
+
+def test_grid_top_is_the_quantile_of_whole_columns_where_the_stride_divides_d_f():
+    """The authors' grid top, by hand: 1024 tokens x 256 neurons is 262,144 values, stride 262,144 //
+    65,536 = 4, which divides 256, so `a.view(-1)[::4]` is columns 0, 4, 8, ... (64 columns, every token).
+    Column c = 4j holds a = token index + 1 (1 .. 1024); every other column holds 1e6. Sorted, the
+    subsample is each of 1 .. 1024 repeated 64 times; the 0.99 quantile's rank 0.99 * 65,535 = 64,879.65
+    falls between sorted positions 64,879 and 64,880, both the value 64,879 // 64 + 1 = 1,014. So the grid
+    runs from min a = 1 to exactly 1,014, whereas a quantile over every value would be 1e6."""
+    m, d_f = 1024, 256
+    a = torch.full((m, d_f), 1e6)
+    a[:, ::4] = torch.arange(1, m + 1, dtype=torch.float32)[:, None]
+    assert metrics.grid_stride(a.numel()) == 4
+    want = torch.linspace(1.0, 1014.0, metrics.GRID_POINTS)
+    assert torch.equal(metrics.reference_grid(a), want)
+    for kept in (a[None], None):  # the unfused and the fused probe's path (norms 1: a = |h|)
+        dl = metrics.DenseLayers(h=a[None].clone(), a=kept, w=torch.zeros(1, 4, d_f), norms=torch.ones(1, d_f),
+                                 y_norm=torch.ones(1, m))
+        assert torch.equal(dl.grids()[0], want)
+    # a stride that does not divide d_f samples across rows: 1024 x 250 = 256,000 values, stride 3
+    b = torch.arange(1, 1024 * 250 + 1, dtype=torch.float32).view(1024, 250)
+    sub = b.flatten()[::3]
+    assert metrics.grid_stride(b.numel()) == 3 and len(sub) == 85334
+    assert torch.equal(metrics.reference_grid(b)[-1], torch.quantile(sub, 0.99))
 
 
 def test_memoised_batched_search_returns_the_reference_candidates():
@@ -343,95 +367,23 @@ def test_side_stream_changes_no_result(trained, monkeypatch):
         assert torch.equal(one.evaluation.thresholds, side.evaluation.thresholds)
 
 
-def test_solver_reaches_target_on_a_power_law_curve_in_few_evaluations():
-    from types import SimpleNamespace
-
-    calls = []
-
-    def evaluate(tau):
-        calls.append(tau)
-        return SimpleNamespace(tau=tau, ppl_ratio=math.exp(0.4 * tau ** 2.7))
-
-    ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5)
-    assert abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5 and msg == ""
-    assert len(calls) <= 8
-
-
-@pytest.mark.parametrize("tau_star,k", [(0.0773, 1.0), (0.083, 1.0), (0.11, 1.0)])
-def test_solver_answers_where_f_crosses_the_target_not_anywhere_within_its_noise(tau_star, k):
-    """Where F is flat in tau, an answer merely within the noise of F (3e-4) can sit 0.002-0.003 of
-    activation ratio from the crossing; the solver keeps going until the activation ratio is within ATOL
-    of where F crosses the target."""
-    from types import SimpleNamespace
-
-    from sparsinglaw.search import ATOL
-
-    def evaluate(tau):
-        return SimpleNamespace(tau=tau, ppl_ratio=math.exp(math.log(1.01) * (tau / tau_star) ** k),
-                               activation_ratio=0.16 - 0.2 * math.log(tau / tau_star))
-
-    ev, msg = solve_tau(evaluate, 1.01)
-    assert msg == "" and abs(ev.activation_ratio - 0.16) <= ATOL and abs(ev.ppl_ratio / 1.01 - 1) <= 3e-4
-    # judged by F alone, the same curve is answered 2e-3 or more from the crossing
-    loose, _ = solve_tau(evaluate, 1.01, atol=None)
-    assert abs(loose.activation_ratio - 0.16) > 2e-3
-
-
-def test_solver_with_batchwise_evaluations_stops_clearly_off_taus_early_and_answers_from_all_batches():
-    from types import SimpleNamespace
-
-    from sparsinglaw.search import Batchwise
-
-    scale = [0.7, 1.0, 1.1, 1.2]  # batch 0 alone underestimates ln F by about a third
-    for c in (0.4, 40.0):  # tau0 = 0.1 near the answer, and far above it
-        batchwise, runs = Batchwise(4, 1.01, early_stop=True), []
-
-        def evaluate(tau, c=c, batchwise=batchwise, runs=runs):
-            got = batchwise.run(lambda i: (math.exp(c * scale[i] * tau ** 2.2), c * scale[i] * tau ** 2.2))
-            runs.append(len(got))
-            ev = SimpleNamespace(tau=tau, ppl_ratio=sum(got) / len(got), batch_ratios=got, partial=len(got) < 4)
-            batchwise.learn(ev)
-            return ev
-
-        ev, msg = solve_tau(evaluate, 1.01, ftol=1e-5, tau0=0.1, loose=1e-5)
-        assert msg == "" and not ev.partial and abs(ev.ppl_ratio / 1.01 - 1) <= 1e-5
-        assert len(runs) <= 6 and runs[-1] == 4
-        # never two partial evaluations in a row
-        assert all(a == 4 or b == 4 for a, b in zip(runs, runs[1:]))
-        if c == 40.0:  # F at tau0 is 1.28: one batch says so
-            assert runs[0] == 1
-
-
-def test_batchwise_runs_every_batch_by_default():
-    from sparsinglaw.search import Batchwise
-
-    bw = Batchwise(4, 1.01)
-    assert len(bw.run(lambda i: (i, 5.0))) == 4  # ln F = 5: as clearly off as can be, still all four
-
-
-def test_stop_early_needs_a_clear_miss():
-    from sparsinglaw.search import stop_early
-
-    lt = math.log(1.01)
-    assert stop_early([3 * lt], None, 1.01) and stop_early([0.3 * lt], None, 1.01)
-    assert not stop_early([1.3 * lt], None, 1.01)  # one batch, ratios unknown: could be the whole set's
-    assert stop_early([1.3 * lt], [1.0, 1.0], 1.01) and not stop_early([1.3 * lt], [1.3, 0.7], 1.01)
-    assert stop_early([-1e-3], None, 1.01)  # sparser than dense: F < 1 is far below any target
-
-
-def test_solver_says_when_target_is_unreachable():
-    from types import SimpleNamespace
-
-    ev, msg = solve_tau(lambda tau: SimpleNamespace(tau=tau, ppl_ratio=1.0 + 0.001 * tau), 1.01)
-    assert ev.tau == 1.0 and "even tau = 1" in msg
-
-
 # --- static thresholds: export, load, run sparsely ----------------------------------------------------------
 
 def test_static_thresholds_roundtrip_and_sparsify_reproduce_static_check(trained, tmp_path):
     model, batches = trained
     meas = measure(model, batches, "ppl", p=1.0, progress=False)
     assert meas.static is not None
+    # the headline (the monotone fit's crossing) with its band, and the search's evaluated answer
+    d = meas.to_json()
+    lo, hi = d["activation_ratio_interval"]
+    assert lo <= d["activation_ratio"] <= hi and d["tau_interval"][0] <= d["cett"] <= d["tau_interval"][1]
+    assert d["ppl_ratio_sigma"] > 0 and d["uncertainty"]["level"] == 0.95 and d["uncertainty"]["resamples"] == 1000
+    assert d["search"]["acceptance"]["loose"] == 3e-4 and d["search"]["status"] == 0
+    ev = d["search"]["evaluated"]
+    assert ev["ppl_ratio"] == d["ppl_ratio"] and lo <= ev["activation_ratio"] <= hi
+    assert meas.thresholds.params["tau"] == ev["tau"]  # the exported thresholds are the evaluated answer's
+    summary = meas.summary()
+    assert f"[{lo:.4f}, {hi:.4f}]" in summary and "95% band" in summary and "evaluated answer" in summary
     meas.thresholds.save(tmp_path / "thresholds.json")
     th = Thresholds.load(tmp_path / "thresholds.json")
     assert th.thresholds == pytest.approx(meas.thresholds.thresholds)
@@ -456,3 +408,63 @@ def test_cett_rule_drops_neurons_below_threshold_over_column_norm(trained):
     th = torch.tensor([0.05] * m.n_layers)
     r = run_pass(m, batches[0], Rule("cett", thresholds=th), detail=True)
     assert 0 < r.layer_ratio.mean() < 1
+
+
+# --- the reference is the authors' procedure: an independent implementation (tests/authors.py) ------------
+
+def test_reference_search_retraces_an_independent_implementation_of_the_authors(trained):
+    """2 batches of 16 x 128 tokens: 2,048 per batch x 64 neurons, so the grid's stride is 2 and its top the
+    quantile over every other neuron column (the authors' quirk). Every bisection round (tau, PPL ratio,
+    activation ratio) and every per-layer threshold must match, and the answer is the final midpoint."""
+    import authors
+
+    model, train = trained
+    seqs = torch.cat(train).repeat(2, 3)[:, :128]  # the training sequences (period 48), 32 of 128 tokens
+    batches = [seqs[:16], seqs[16:]]
+    ref = reference_search(Model(model), batches, p=1.0, tol=1e-3, progress=False)
+    theirs = authors.cett_ppl(model, batches, 1.0, 1e-3)
+    assert [h["tau"] for h in ref.history] == [r["tau"] for r in theirs]
+    assert len(theirs) == 11 and ref.tau == theirs[-1]["tau"]  # 10 halvings to 1e-3, then the midpoint
+    for h, r in zip(ref.history, theirs):
+        assert h["ppl_ratio"] == pytest.approx(r["ppl_ratio"], rel=1e-6, abs=0)
+        assert h["activation_ratio"] == pytest.approx(r["activation_ratio"], abs=1e-6)
+    ours = ref.evaluation.thresholds
+    assert ours.shape == (2, 2)
+    assert torch.allclose(ours.double(), torch.tensor(theirs[-1]["thresholds"], dtype=torch.float64), rtol=1e-6,
+                          atol=0)
+    # the headline comes with its band, which holds the bisection's answer here (many evaluations near it)
+    b = ref.band
+    assert b is not None and b.tau_interval[0] <= ref.tau <= b.tau_interval[1]
+    assert b.activation_ratio_interval[0] <= ref.evaluation.activation_ratio <= b.activation_ratio_interval[1]
+
+
+@pytest.mark.slow
+def test_smollm2_thresholds_and_bisection_are_the_authors():
+    """SmolLM2-135M, fp32 CPU, 2,048 tokens (4 x 512: stride 48 divides d_f 1,536, so the grid's top is the
+    quantile of 32 neuron columns): at tau 0.1 every layer's threshold equals the independent
+    implementation's (both searches), the activation ratio within 1e-4; the reference retraces their
+    bisection round by round (tol 0.05: 5 halvings and the final midpoint). About 10 minutes on one thread."""
+    import authors
+
+    from sparsinglaw.data import eval_batches
+    from sparsinglaw.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu", dtype="fp32")
+    batches = eval_batches(lm.tokenizer, None, 2048, 512, 4)
+    model, m = lm.model, Model(lm.model)
+    assert metrics.grid_stride(2048 * 1536) == 48
+    _, hs = authors.dense(model, batches[0])
+    theirs = [authors.layer_threshold(h, d.weight, 0.1) for h, d in zip(hs, authors._downs(model))]
+    dense = run_pass(m, batches[0], Rule("dense"), capture=True)
+    ref = [metrics.reference_layer_threshold(h, m.w_stack[i], m.norms[i], 0.1) for i, h in enumerate(dense.dense_h)]
+    fast = metrics.ThresholdSearch(metrics.DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)).thresholds(0.1)
+    assert ref == pytest.approx(theirs, rel=1e-6, abs=0) and fast.tolist() == pytest.approx(theirs, rel=1e-6, abs=0)
+    _, act = authors.sparse(model, batches[0], theirs)
+    ours = run_pass(m, batches[0], Rule("cett_authors", thresholds=torch.tensor(ref)), detail=True)
+    assert abs(float(ours.layer_ratio.mean()) - act) <= 1e-4
+    res = reference_search(m, batches, p=1.0, tol=0.05, progress=False)
+    steps = authors.cett_ppl(model, batches, 1.0, 0.05)
+    assert [h["tau"] for h in res.history] == [s["tau"] for s in steps] and len(steps) == 6
+    for h, s in zip(res.history, steps):
+        assert h["ppl_ratio"] == pytest.approx(s["ppl_ratio"], rel=1e-6, abs=0)
+        assert abs(h["activation_ratio"] - s["activation_ratio"]) <= 1e-4

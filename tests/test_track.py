@@ -63,6 +63,13 @@ def test_series_has_every_field_and_one_tau(tracked, run_cfg: TrainConfig) -> No
         assert math.isclose(sum(s["layer_ratio"][i]) / 2, s["activation_ratio"][i], rel_tol=1e-9)
     for png in ("activation_ratio.png", "layer_ratio.png", "dead_neurons.png", "neuron_frequency.png"):
         assert Path(run_cfg.out, png).stat().st_size > 0
+    # every point's interval: the noise of its PPL ratio through the calibration's slope dA/dF
+    cal = s["calibration"]
+    assert cal["a_per_f"] < 0 and cal["band"]["tau_interval"][0] <= cal["band"]["tau"] <= cal["band"]["tau_interval"][1]
+    for i in range(n):
+        sf, sa, (lo, hi) = s["ppl_ratio_sigma"][i], s["activation_ratio_sigma"][i], s["activation_ratio_interval"][i]
+        assert sf > 0 and sa == pytest.approx(sf * abs(cal["a_per_f"]), rel=1e-12)
+        assert lo < s["activation_ratio"][i] < hi and (hi - lo) / 2 == pytest.approx(1.959964 * sa, rel=1e-5)
 
 
 def test_calibrated_tau_gives_mean_ppl_ratio_1_01_over_last_five(tracked, run_cfg: TrainConfig) -> None:
@@ -84,6 +91,9 @@ def test_fit_accepts_the_series(tracked, run_cfg: TrainConfig, tmp_path: Path) -
     assert s.name == "micro-relu" and s.activation == "relu" and len(s.tokens) == 6
     cli.main(["fit", str(tracked.path), "--out", str(tmp_path / "fit"), "--bootstrap", "0"])
     assert (tmp_path / "fit").is_dir() and any((tmp_path / "fit").iterdir())
+    assert s.sigma is not None and s.sigma.shape == (6,)  # the points' noise, for --weighted
+    cli.main(["fit", str(tracked.path), "--out", str(tmp_path / "wfit"), "--bootstrap", "0", "--weighted"])
+    assert "weighted by 1/sigma" in (tmp_path / "wfit" / "fit.json").read_text()
 
 
 def test_second_call_without_new_checkpoints_measures_nothing(tracked, run_cfg: TrainConfig) -> None:

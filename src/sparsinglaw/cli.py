@@ -273,6 +273,8 @@ def fit(
     level: float = typer.Option(0.95, "--level", help="Interval level."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    weighted: bool = typer.Option(False, "--weighted", help="Weight each point by 1/its sigma (a tracked "
+                                  "series' activation_ratio_sigma, from the noise of its PPL ratio)."),
 ) -> None:
     """Fit the sparsing laws: every form side by side, intervals, forecasts, fit.json and plots."""
     set_threads(threads)
@@ -289,7 +291,8 @@ def fit(
     series = [] if wd_table else [laws.load_series(p) for p in paths]
     laws.unique_names(series)
     fits = [laws.fit_series(s, form=form, drop_first=drop_first, min_tokens=min_tokens, auto_drop=auto_drop,
-                            bootstrap=bootstrap, level=level, target_ratio=target_ratio, seed=seed)
+                            bootstrap=bootstrap, level=level, target_ratio=target_ratio, seed=seed,
+                            weighted=weighted)
             for s in series]
     wd = None
     if wd_table:

@@ -52,6 +52,7 @@ class Series:
     width: int | None = None
     depth: int | None = None
     source: str | None = None
+    sigma: np.ndarray | None = None  # each point's standard deviation (`track`'s activation_ratio_sigma)
 
     def __post_init__(self) -> None:
         self.tokens, self.activation_ratio = validate_series(self.tokens, self.activation_ratio, self.name)
@@ -137,6 +138,7 @@ def load_series(path: str | os.PathLike) -> Series:
         except (TypeError, ValueError) as e:
             raise UserError(f"{path}: a tokens or activation_ratio cell is not a number ({e})") from None
         meta: dict[str, Any] = {}
+        sigma = None
     else:
         try:
             obj = json.loads(path.read_text())
@@ -149,6 +151,9 @@ def load_series(path: str | os.PathLike) -> Series:
             raise UserError(f"{path}: tokens or activation_ratio contains null; remove unmeasured "
                             "checkpoints")
         meta = _pick_meta(obj)
+        sig = obj.get("activation_ratio_sigma")
+        sigma = (np.asarray(sig, dtype=float) if isinstance(sig, list) and len(sig) == len(ratio)
+                 and all(isinstance(v, (int, float)) and v > 0 for v in sig) else None)
     name = str(meta.pop("name", _default_name(path)))
     try:
         params = float(meta["non_embedding_params"]) if "non_embedding_params" in meta else None
@@ -157,7 +162,7 @@ def load_series(path: str | os.PathLike) -> Series:
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: metadata non_embedding_params/width/depth must be numbers ({e})") from None
     act = str(meta["activation"]).lower() if "activation" in meta else None
-    return Series(tokens=tokens, activation_ratio=ratio, name=name, activation=act,
+    return Series(tokens=tokens, activation_ratio=ratio, name=name, activation=act, sigma=sigma,
                   non_embedding_params=params, width=width, depth=depth, source=str(path))
 
 
@@ -478,15 +483,17 @@ def _criteria(sse: float, absres: float, n: int, k: int) -> dict[str, float]:
 
 
 def _polish(form: Form, D: np.ndarray, A: np.ndarray, x0: np.ndarray, lo: np.ndarray,
-            hi: np.ndarray) -> tuple[np.ndarray, float, bool, str]:
-    """Bounded trust-region least squares from one start; returns (theta, sse, converged, message)."""
+            hi: np.ndarray, wt: np.ndarray | None = None) -> tuple[np.ndarray, float, bool, str]:
+    """Bounded trust-region least squares from one start; returns (theta, sse, converged, message).
+    wt: per-point weights on the residuals (1 / sigma: a weighted fit); sse is then weighted too."""
     x0 = np.clip(x0, lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
+    w = np.ones_like(A) if wt is None else wt
 
     def res(x: np.ndarray) -> np.ndarray:
-        return form.value(x, D) - A
+        return (form.value(x, D) - A) * w
 
     def jac(x: np.ndarray) -> np.ndarray:
-        return form.jac(x, D)
+        return form.jac(x, D) * w[:, None]
 
     with np.errstate(all="ignore"):
         r = least_squares(res, x0, jac=jac, bounds=(lo, hi), method="trf", x_scale="jac",
@@ -546,8 +553,12 @@ def _num(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def fit_form(form: str, D: Any, A: Any, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> FormFit:
+def fit_form(form: str, D: Any, A: Any, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0,
+             sigma: Any = None) -> FormFit:
     """Fit one form to (D in billions, A) with grid starts and bounded least squares; optional bootstrap.
+
+    `sigma`: each point's standard deviation (a tracked series' `activation_ratio_sigma`): residuals are
+    weighted by 1 / sigma in the fit and the bootstrap (criteria stay on the unweighted residuals).
 
     Returns a FormFit with `success=False` and a message when the form cannot be fitted (too few points,
     no finite start, or no start converged) rather than raising, so a caller can compare what did fit.
@@ -561,12 +572,13 @@ def fit_form(form: str, D: Any, A: Any, *, bootstrap: int = 0, level: float = 0.
         return FormFit(success=False, message=f"needs at least {k + 1} points for {k} parameters, has {n}",
                        **base)
     lo, hi = f.bounds(D, A)
+    wt = _weights(sigma, n)
     with np.errstate(all="ignore"):
         starts = f.starts(D, A)
     cands = []
     for x0 in starts:
         try:
-            cands.append(_polish(f, D, A, x0, lo, hi))
+            cands.append(_polish(f, D, A, x0, lo, hi, wt))
         except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
             cands.append((x0, math.inf, False, str(e)))
     finite = [c for c in cands if math.isfinite(c[1])]
@@ -583,12 +595,24 @@ def fit_form(form: str, D: Any, A: Any, *, bootstrap: int = 0, level: float = 0.
                    "direction of the law, so some parameters are poorly determined")
     resid = f.value(theta, D) - A
     pub = f.to_public(theta)
-    out = FormFit(success=True, message=message + (f"; {f.note}" if f.note else ""), converged=converged,
+    out = FormFit(success=True, message=message + (f"; {f.note}" if f.note else "")
+                  + ("; weighted by 1/sigma" if wt is not None else ""), converged=converged,
                   params={p: float(v) for p, v in zip(f.public, pub, strict=True)}, theta=theta,
-                  **_criteria(sse, float(np.abs(resid).sum()), n, k), **base)
+                  **_criteria(float(np.sum(resid**2)), float(np.abs(resid).sum()), n, k), **base)
     if bootstrap > 0:
-        _bootstrap(out, f, D, A, bootstrap, level, seed)
+        _bootstrap(out, f, D, A, bootstrap, level, seed, wt)
     return out
+
+
+def _weights(sigma: Any, n: int) -> np.ndarray | None:
+    """1 / sigma, normalised to mean 1 (None: unweighted); a clear error for unusable sigmas."""
+    if sigma is None:
+        return None
+    sg = np.asarray(sigma, dtype=float)
+    if sg.shape != (n,) or not np.all(np.isfinite(sg)) or np.any(sg <= 0):
+        raise UserError(f"a weighted fit needs one positive, finite sigma per point ({n}); got {sg.tolist()}")
+    wt = 1.0 / sg
+    return wt / wt.mean()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -597,16 +621,17 @@ def fit_form(form: str, D: Any, A: Any, *, bootstrap: int = 0, level: float = 0.
 
 
 def _batched_lm(f: Form, theta0: np.ndarray, D: np.ndarray, Y: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                iters: int = 200, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise ||f(theta_b, D) - Y_b||^2 for every row b at once (projected onto the bounds).
+                iters: int = 200, tol: float = 1e-12, wt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise ||wt (f(theta_b, D) - Y_b)||^2 for every row b at once (projected onto the bounds).
 
     Why: scipy refits one problem per call; for 1,000 resamples of a small curve the Python overhead
     dominates. Here each iteration is a few (B, n, k) array operations and a batched k x k solve.
     """
     th = np.clip(theta0.copy(), lo, hi)
     B, k = th.shape
+    w = np.ones(D.size) if wt is None else wt
     with np.errstate(all="ignore"):
-        r = f.value(th, D) - Y
+        r = (f.value(th, D) - Y) * w
         sse = np.einsum("bn,bn->b", r, r)
         lam = np.full(B, 1e-3)
         active = np.isfinite(sse)
@@ -616,7 +641,7 @@ def _batched_lm(f: Form, theta0: np.ndarray, D: np.ndarray, Y: np.ndarray, lo: n
             if idx.size == 0:
                 break
             t, rr = th[idx], r[idx]
-            J = f.jac(t, D)
+            J = f.jac(t, D) * w[:, None]
             g = np.einsum("bnk,bn->bk", J, rr)
             H = np.einsum("bnk,bnj->bkj", J, J)
             # active set: a parameter on a bound that the gradient pushes outward is held there
@@ -633,7 +658,7 @@ def _batched_lm(f: Form, theta0: np.ndarray, D: np.ndarray, Y: np.ndarray, lo: n
             except np.linalg.LinAlgError:
                 step = -g / (np.einsum("bkk->bk", Hd) + 1e-30)
             new = np.clip(t + step, lo, hi)
-            rn = f.value(new, D) - Y[idx]
+            rn = (f.value(new, D) - Y[idx]) * w
             sn = np.einsum("bn,bn->b", rn, rn)
             ok = np.isfinite(sn) & (sn <= sse[idx])
             gain = np.where(ok, (sse[idx] - sn) / np.maximum(sse[idx], 1e-300), 0.0)
@@ -648,21 +673,25 @@ def _batched_lm(f: Form, theta0: np.ndarray, D: np.ndarray, Y: np.ndarray, lo: n
     return th, sse
 
 
-def _bootstrap(out: FormFit, f: Form, D: np.ndarray, A: np.ndarray, B: int, level: float, seed: int) -> None:
-    """Residual bootstrap: resample centred, df-corrected residuals onto the fitted curve and refit."""
+def _bootstrap(out: FormFit, f: Form, D: np.ndarray, A: np.ndarray, B: int, level: float, seed: int,
+               wt: np.ndarray | None = None) -> None:
+    """Residual bootstrap: resample centred, df-corrected residuals onto the fitted curve and refit. With
+    weights, the standardised residuals (residual x weight) are resampled and put back at each point's
+    own scale."""
     rng = np.random.default_rng(seed)
     fitted = f.value(out.theta, D)
-    res = A - fitted
+    w = np.ones(D.size) if wt is None else wt
+    res = (A - fitted) * w
     n, k = D.size, f.k
     res = (res - res.mean()) * math.sqrt(n / max(n - k, 1))
-    Y = fitted[None, :] + res[rng.integers(0, n, size=(B, n))]
+    Y = fitted[None, :] + res[rng.integers(0, n, size=(B, n))] / w
     lo, hi = f.bounds(D, A)
-    th, sse = _batched_lm(f, np.tile(out.theta, (B, 1)), D, Y, lo, hi)
+    th, sse = _batched_lm(f, np.tile(out.theta, (B, 1)), D, Y, lo, hi, wt=wt)
     # the few resamples the batched solver handled badly get scipy's refit from the full-data optimum
     med = np.nanmedian(sse[np.isfinite(sse)]) if np.isfinite(sse).any() else math.inf
     redo = np.flatnonzero(~np.isfinite(sse) | (sse > 10 * med))[:100]
     for i in redo:
-        x, s, _, _ = _polish(f, D, Y[i], out.theta, lo, hi)
+        x, s, _, _ = _polish(f, D, Y[i], out.theta, lo, hi, wt)
         if s < sse[i] or not np.isfinite(sse[i]):
             th[i], sse[i] = x, s
     good = np.isfinite(sse) & np.all(np.isfinite(th), axis=1)
@@ -908,8 +937,11 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
                min_tokens: float | None = None, max_tokens: float | None = None, auto_drop: bool = False,
                bootstrap: int = 1000,
                level: float = 0.95, target_ratio: float | None = None,
-               forecast_tokens: Sequence[float] | None = None, seed: int = 0) -> LawFit:
+               forecast_tokens: Sequence[float] | None = None, seed: int = 0, weighted: bool = False) -> LawFit:
     """Fit a curve: drop early points as asked (recorded), fit every form, pick the law, add intervals.
+
+    `weighted`: weight each point by 1 / its sigma (a tracked series' `activation_ratio_sigma`: the noise
+    of its PPL ratio carried to the activation ratio), in the fits and their bootstrap.
 
     `form` is auto (law chosen by the direction of the data), relu, silu, log or sigmoid. `max_tokens`
     fits the law to one phase of a non-monotone curve (points after it are dropped, with that reason). The chosen form
@@ -926,6 +958,9 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     if not 0 < level < 1:
         raise UserError(f"level must be in (0, 1), got {level}")
     D, A, n = s.D, s.activation_ratio, s.tokens.size
+    if weighted and s.sigma is None:
+        raise UserError(f"{s.name}: --weighted needs activation_ratio_sigma for every point (a series.json "
+                        "written by `sparsinglaw track`); fit without --weighted")
     used = np.ones(n, dtype=bool)
     dropped: list[Dropped] = []
 
@@ -962,7 +997,8 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     forms: dict[str, FormFit] = {}
     for name in FORMS:
         nb = bootstrap if name == chosen else bootstrap // 4
-        forms[name] = fit_form(name, Du, Au, bootstrap=nb, level=level, seed=seed)
+        forms[name] = fit_form(name, Du, Au, bootstrap=nb, level=level, seed=seed,
+                               sigma=s.sigma[used] if weighted else None)
     fit = forms[chosen]
     ok = {k: v for k, v in forms.items() if v.success}
     best = min(ok, key=lambda k: ok[k].aic) if ok else None

@@ -20,6 +20,7 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.sites import activation_name, hooked
 from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass
+from sparsinglaw.uncertainty import Noise, f_sigma
 
 METRICS = ("zero", "topk", "fat", "cett", "ppl")
 FILES = ("measurement.json", "thresholds.json", "layer_ratio.png", "heatmap.png", "neuron_frequency.png")
@@ -28,7 +29,14 @@ DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead
 
 @dataclass
 class Measurement:
-    """Result of `measure`. Ratios are fractions; `sparsity` = 1 - activation_ratio."""
+    """Result of `measure`. Ratios are fractions; `sparsity` = 1 - activation_ratio.
+
+    For CETT-PPL-p% the headline `activation_ratio` (and `cett`, its tau) is where a monotone fit of the
+    PPL ratio over every evaluation of the search crosses the target (`uncertainty.band`), with
+    `activation_ratio_interval` and `tau_interval`: the band whose PPL ratio is consistent with the target.
+    `ppl_ratio`, `layers` and the exported thresholds are those of the search's evaluated answer
+    (`search['evaluated']`). `ppl_ratio_sigma`: the noise of the PPL ratio (bootstrap over token blocks).
+    """
 
     model: str
     activation: str
@@ -53,6 +61,11 @@ class Measurement:
     reached: bool = True  # False: the CETT-PPL-p% search did not reach its target (search["message"] says why)
     zero_aware_activation_ratio: float | None = None  # pooled Top-k whose cut is 0: exact zeros not counted
     notes: list[str] = field(default_factory=list)  # what a reader must know to trust the numbers
+    ppl_ratio_sigma: float | None = None
+    activation_ratio_interval: tuple[float, float] | None = None
+    tau_interval: tuple[float, float] | None = None
+    uncertainty: dict | None = None  # the band in full (level, resamples, width, tokens to narrow it, ...)
+    band_notes: list[str] = field(default_factory=list, repr=False)
     thresholds: Thresholds | None = field(default=None, repr=False)
     token_ratio: list[list[float]] | None = field(default=None, repr=False)
     neuron_frequency: np.ndarray | None = field(default=None, repr=False)
@@ -69,7 +82,7 @@ class Measurement:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("thresholds", "token_ratio", "neuron_frequency"):
+        for k in ("thresholds", "token_ratio", "neuron_frequency", "band_notes"):
             d.pop(k)
         d["sparsity"] = self.sparsity
         d["heatmap_sample"] = self.token_ratio
@@ -106,8 +119,17 @@ class Measurement:
                  f"{self.batches} batches, {self.label}",
                  f"  dense PPL {self.ppl_dense:.3f}  sparse PPL {self.ppl_sparse:.3f}  "
                  f"PPL ratio {self.ppl_ratio:.5f}",
-                 f"  activation ratio {self.activation_ratio:.4f}  (sparsity {100 * self.sparsity:.2f}%)"
-                 + (f"  tau {self.cett:.5f}" if self.cett is not None else "")]
+                 f"  activation ratio {self.activation_ratio:.4f}"
+                 + (f" [{self.activation_ratio_interval[0]:.4f}, {self.activation_ratio_interval[1]:.4f}]"
+                    if self.activation_ratio_interval else "")
+                 + f"  (sparsity {100 * self.sparsity:.2f}%)"
+                 + (f"  tau {self.cett:.5f}" if self.cett is not None else "")
+                 + (f" [{self.tau_interval[0]:.5f}, {self.tau_interval[1]:.5f}]" if self.tau_interval else "")]
+        lines += ["  " + note for note in self.band_notes]
+        if self.search and self.search.get("evaluated") and self.activation_ratio_interval:
+            e = self.search["evaluated"]
+            lines.append(f"  the search's evaluated answer: tau {e['tau']:.5f}, activation ratio "
+                         f"{e['activation_ratio']:.4f}, PPL ratio {e['ppl_ratio']:.5f}")
         if self.static:
             lines.append(f"  static thresholds on the same data: PPL ratio {self.static['ppl_ratio']:.5f}, "
                          f"activation ratio {self.static['activation_ratio']:.4f}")
@@ -161,7 +183,7 @@ def _passes(m: Model, batches: list[torch.Tensor], rule: Rule, positions: str, p
     parts = []
     for ids in tqdm(batches, desc=label, disable=not progress, file=sys.stderr, leave=False):
         dense = run_pass(m, ids, Rule("dense"), positions)
-        parts.append((dense.loss, run_pass(m, ids, rule, positions, detail=True), torch.zeros(m.n_layers)))
+        parts.append((dense, run_pass(m, ids, rule, positions, detail=True), torch.zeros(m.n_layers)))
     return parts
 
 
@@ -169,11 +191,12 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
             tau: float | None = None, k: float | None = None, eps: float | None = None,
             topk_mode: str = "pooled", search: str = "fast", tol: float = 1e-6, positions: str = "all",
             calib_tokens: int | None = None, thresholds: Thresholds | None = None, static_check: bool = True,
-            name: str = "", progress: bool = True) -> Measurement:
+            name: str = "", progress: bool = True, noise: Noise | None = None) -> Measurement:
     """Measure activation sparsity of `model` on token `batches` with one of the paper's metrics.
 
     metric: zero | topk (k, topk_mode pooled|per-token) | fat (eps) | cett (tau) | ppl (CETT-PPL-p%).
     With `thresholds` (a frozen thresholds.json), the static regime is evaluated instead.
+    `noise`: how the noise of the PPL ratio is estimated and the CETT-PPL-p% band drawn.
     """
     if not batches:
         raise UserError("no evaluation batches; pass more text or fewer --tokens")
@@ -184,6 +207,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
     zero_aware, notes = None, []
     regime = "per-batch"
     static_th: Thresholds | None = None
+    found = None
     if thresholds is not None:
         if len(thresholds.thresholds) != m.n_layers:
             raise UserError(f"thresholds have {len(thresholds.thresholds)} layers, the model has {m.n_layers}")
@@ -197,12 +221,13 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
         if metric == "ppl":
             params = {"p": p}
             if search == "fast":
-                res = search_mod.fast_search(m, batches, p, positions, calib_tokens=calib_tokens, progress=progress)
+                res = search_mod.fast_search(m, batches, p, positions, calib_tokens=calib_tokens, progress=progress,
+                                             noise=noise)
             elif search == "reference":
-                res = search_mod.reference_search(m, batches, p, positions, tol=tol, progress=progress)
+                res = search_mod.reference_search(m, batches, p, positions, tol=tol, progress=progress, noise=noise)
             else:
                 raise UserError(f"unknown --search {search!r}; use fast or reference")
-            ev, search_json, cett_tau = res.evaluation, res.to_json(), res.tau
+            ev, search_json, cett_tau, found = res.evaluation, res.to_json(), res.tau, res.band
             search_json["accepted"] = _accepted(res, search, tol)
         elif metric == "cett":
             params = {"tau": tau}
@@ -246,6 +271,12 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
     out.zero_aware_activation_ratio, out.notes = zero_aware, notes
     if not out.reached:
         out.notes.append(f"{out.label} not reached: {search_json['message']}")
+    out.ppl_ratio_sigma = f_sigma(ev, noise)
+    if found is not None:
+        out.activation_ratio, out.cett = found.activation_ratio, found.tau
+        out.activation_ratio_interval, out.tau_interval = found.activation_ratio_interval, found.tau_interval
+        out.uncertainty = {**found.to_json(), **(noise or Noise()).to_json()}
+        out.band_notes = found.notes()
     return out
 
 
@@ -253,8 +284,8 @@ def _accepted(res, search: str, tol: float) -> str:
     """The tolerance the search accepted its answer within, in words (for the closing line and the JSON)."""
     if search == "reference":
         return f"tau bisected to {tol:g}"
-    loose = search_mod.LOOSE * max(1.0, min(search_mod.LOOSE_MAX / search_mod.LOOSE,
-                                            math.sqrt(max(1.0, search_mod.LOOSE_TOKENS / res.evaluation.tokens))))
+    acc = res.acceptance
+    loose = acc.loose * acc.widen(res.evaluation.tokens)
     return f"{100 * loose:.3g}% of the PPL ratio (its sampling noise on {res.evaluation.tokens} tokens)"
 
 
@@ -379,14 +410,15 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
     bar = tqdm(total=len(batches) * len(rules), desc="tradeoff points", disable=not progress, file=sys.stderr,
                unit="point")
     for b, ids in enumerate(batches):
-        st = search_mod.BatchState(m, ids, positions, counter)
-        dense_losses.append(st.loss_dense)
+        engine = search_mod.FastSearch(m, [ids], positions, counter)
+        (dense,) = engine.dense_passes
+        dense_losses.append(dense.loss)
         for j, (metric, _, value, rule) in enumerate(rules):
             bar.set_postfix_str(f"batch {b + 1}/{len(batches)}, {metric} {value:.3g}", refresh=False)
-            use = rule if rule is not None else Rule("cett", thresholds=st.search.thresholds(value))
-            acc[j].append((st.loss_dense, run_pass(m, ids, use, positions), torch.zeros(m.n_layers)))
+            use = rule if rule is not None else Rule("cett", thresholds=engine.thresholds(value)[0])
+            acc[j].append((dense, run_pass(m, ids, use, positions), torch.zeros(m.n_layers)))
             bar.update()
-        del st
+        del engine
     bar.close()
     points = []
     for j, (metric, pname, value, _rule) in enumerate(rules):

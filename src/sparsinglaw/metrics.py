@@ -1,4 +1,4 @@
-"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (SPEC section 2).
+"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (docs/cett-ppl-search.md).
 
 Conventions: h is the input of the down projection (m tokens x d_f), s the activation output,
 `norms` the fp32 column norms of W_down, so neuron i's output norm is a_i = |h_i| * norms_i.
@@ -29,7 +29,14 @@ UPDATE_SHARE = 0.01  # a probe whose band (a between it and the kept product) ho
 UPDATE_MIN_DH = 1536
 SAMPLE_SIZE = 65536  # a values per layer sampled to estimate that share (1.5e-5 resolution)
 MODEL_STEPS = 16  # then bisection only: the worst case stays at 2 x 16 steps
-QUANTILE_MAX = 2**24  # torch.quantile's input limit: the authors subsample with a stride to fit it
+
+
+def grid_stride(numel: int) -> int:
+    """The authors' subsampling stride for the grid's top: `max(numel // 65536, 1)` over the row-major
+    (tokens x d_f) matrix of neuron output norms. Where it divides d_f, the subsample is whole neuron
+    columns (every stride-th column, all tokens of each: 32 columns of SmolLM2-135M at 2,048 tokens, one at
+    64K), not a spread over the matrix. A quirk of theirs, kept so that the candidates equal theirs."""
+    return max(numel // GRID_POINTS, 1)
 
 
 # --- keep-masks of the four metrics (True = neuron kept) -------------------------------------------
@@ -86,6 +93,15 @@ def keep_cett(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float,
         torch.le(torch.mul(flat[lo:lo + rows].abs(), norms), t, out=part)
         part.logical_not_()
     return keep.view(h.shape)
+
+
+def keep_cett_authors(h: torch.Tensor, norms: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """The authors' sparse-pass test: neuron i is dropped when |h_i| < t / ||W_down[:, i]||, the quotient
+    and the comparison in h's dtype (bf16 on a GPU). It differs from `keep_cett` only where rounding puts
+    |h_i| within an ulp of the quotient: the reference search uses it, to be the authors' procedure."""
+    limit = torch.as_tensor(t, dtype=torch.float32, device=h.device).to(h.dtype) / norms.to(device=h.device,
+                                                                                        dtype=h.dtype)
+    return h.abs() >= limit
 
 
 # --- CETT on one batch's dense intermediates --------------------------------------------------------
@@ -239,7 +255,7 @@ class DenseLayers:
         grids' work, with no host sync (the grid itself needs one: torch.linspace takes numbers)."""
         n_layers, m, d_f = self.h.shape
         numel = m * d_f
-        stride = max(1, math.ceil(numel / QUANTILE_MAX))
+        stride = grid_stride(numel)
         if self.a is not None:
             sub, low = self.a.reshape(n_layers, numel)[:, ::stride], self.a.amin(dim=(1, 2))
             return low, _quantile99(sub)
@@ -303,14 +319,15 @@ def _rownorm(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_grid(a: torch.Tensor) -> torch.Tensor:
+    """The authors' candidates for one layer: 65,536 points from min(a) to the 0.99 quantile of
+    `a.view(-1)[::max(numel // 65536, 1)]` (a: the (tokens x d_f) neuron output norms, row-major)."""
     flat = a.flatten()
-    stride = max(1, math.ceil(flat.numel() / QUANTILE_MAX))
-    hi = torch.quantile(flat[::stride].float(), 0.99)
+    hi = torch.quantile(flat[::grid_stride(flat.numel())].float(), 0.99)
     return torch.linspace(flat.min().item(), hi.item(), GRID_POINTS, device=a.device, dtype=torch.float32)
 
 
 def reference_layer_threshold(h: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, tau: float) -> float:
-    """The authors' per-layer search, quirks included (SPEC section 2): one masked product and one
+    """The authors' per-layer search, quirks included (docs/cett-ppl-search.md): one masked product and one
     host sync per bisection step; returns the candidate just below the first whose CETT exceeds tau,
     wrapping to the largest candidate when even the smallest exceeds tau; no guard for ||y|| = 0."""
     a = h.abs().float() * norms

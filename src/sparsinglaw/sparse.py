@@ -30,7 +30,8 @@ FORMAT = "sparsinglaw-thresholds/1"
 @dataclass
 class Rule:
     """How neurons are dropped. kind: dense | zero | fat | topk_pooled | topk_token | cett (per-layer
-    thresholds on |h_i| * ||W_down[:, i]||) | abs (per-layer thresholds on |s_i|)."""
+    thresholds on |h_i| * ||W_down[:, i]||) | cett_authors (the same thresholds, the authors' test:
+    |h_i| < t / ||W_down[:, i]|| in the model's dtype) | abs (per-layer thresholds on |s_i|)."""
 
     kind: str
     value: float = 0.0
@@ -57,6 +58,8 @@ class Rule:
             return metrics.keep_topk_per_token(s, self.value)
         if self.kind == "cett":
             return metrics.keep_cett(h, norms, self.thresholds[i])
+        if self.kind == "cett_authors":
+            return metrics.keep_cett_authors(h, norms, self.thresholds[i])
         if self.kind == "abs":
             return s.abs() >= self.thresholds[i].to(s.dtype)
         raise ValueError(f"unknown rule {self.kind}")
@@ -77,6 +80,8 @@ class PassResult:
     kept: torch.Tensor  # (L,) kept (token, neuron) pairs per layer over counted positions
     tokens: int  # counted positions
     d_ff: int
+    block_loss: torch.Tensor | None = field(default=None, repr=False)  # `lm_loss`'s block sums, CPU fp64
+    block_tokens: torch.Tensor | None = field(default=None, repr=False)  # tokens in each block
     dense_h: list[torch.Tensor] | None = None  # per layer (m, d_f), counted positions only
     neuron_kept: torch.Tensor | None = None  # (L, d_f) times each neuron was kept
     token_ratio: torch.Tensor | None = None  # (L, S) per-token activation ratio of the first sequence
@@ -136,14 +141,30 @@ def counted_positions(ids: torch.Tensor, positions: str) -> torch.Tensor:
     return mask
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 2) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32, a few rows at a time so the fp32 logits stay small."""
-    total = torch.zeros((), device=logits.device, dtype=torch.float64)
-    for lo in range(0, ids.shape[0], chunk):
+BLOCK_TOKENS = 128  # predicted tokens per block: the unit over which the noise of F is bootstrapped
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy in fp32 (a few rows at a time, so the fp32 logits stay small), and
+    its fp64 sums over blocks of BLOCK_TOKENS consecutive predicted tokens of each sequence (the last block
+    of a sequence shorter; `block_tokens` gives the counts), flattened sequence by sequence: what
+    `uncertainty` resamples to measure the noise of the PPL ratio."""
+    b, s = ids.shape
+    nb = -(-(s - 1) // BLOCK_TOKENS)
+    blocks = torch.zeros(b, nb * BLOCK_TOKENS, device=logits.device, dtype=torch.float64)
+    for lo in range(0, b, chunk):
         lg = logits[lo:lo + chunk, :-1].float()
-        total += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[lo:lo + chunk, 1:].reshape(-1),
-                                 reduction="sum").double()
-    return total / (ids.shape[0] * (ids.shape[1] - 1))
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[lo:lo + chunk, 1:].reshape(-1), reduction="none")
+        blocks[lo:lo + chunk, :s - 1] = ce.view(-1, s - 1)
+    blocks = blocks.view(b, nb, BLOCK_TOKENS).sum(-1).flatten()
+    return blocks.sum() / (b * (s - 1)), blocks
+
+
+def block_tokens(ids_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Predicted tokens in each of `lm_loss`'s blocks for a (sequences x length) batch."""
+    b, s = ids_shape
+    per_seq = [min(BLOCK_TOKENS, s - 1 - lo) for lo in range(0, s - 1, BLOCK_TOKENS)]
+    return torch.tensor(per_seq * b, dtype=torch.float64)
 
 
 @contextlib.contextmanager
@@ -211,12 +232,13 @@ class LaunchedPass:
 
     loss: torch.Tensor  # still on the device
     pending: PassResult  # everything else (its loss a placeholder until `result()`)
+    blocks: torch.Tensor | None = None  # `lm_loss`'s block sums, still on the device
 
     def result(self) -> PassResult:
         loss = self.loss.item()
         if not math.isfinite(loss):
             raise UserError("the model produced NaN/inf logits; try --dtype fp32 or check the checkpoint")
-        return replace(self.pending, loss=loss)
+        return replace(self.pending, loss=loss, block_loss=None if self.blocks is None else self.blocks.cpu())
 
 
 @torch.no_grad()
@@ -227,13 +249,14 @@ def launch_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all",
     ids = ids.to(m.device)
     graph = None if capture else m.graphed(ids, rule, positions, detail)
     if graph is not None:
-        loss, kept, neuron_kept, token_ratio = graph(ids, rule.thresholds)
+        (loss, blocks), kept, neuron_kept, token_ratio = graph(ids, rule.thresholds)
         captured = None
     else:
-        loss, kept, neuron_kept, token_ratio, captured = _pass(m, ids, rule, positions, capture, detail)
-    return LaunchedPass(loss, PassResult(loss=math.nan, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
-                                         dense_h=captured if capture else None, neuron_kept=neuron_kept,
-                                         token_ratio=token_ratio))
+        (loss, blocks), kept, neuron_kept, token_ratio, captured = _pass(m, ids, rule, positions, capture, detail)
+    pending = PassResult(loss=math.nan, kept=kept, tokens=n_counted(ids, positions), d_ff=m.d_ff,
+                         dense_h=captured if capture else None, neuron_kept=neuron_kept, token_ratio=token_ratio,
+                         block_tokens=block_tokens(ids.shape))
+    return LaunchedPass(loss, pending, blocks)
 
 
 def n_counted(ids: torch.Tensor, positions: str) -> int:
@@ -243,7 +266,7 @@ def n_counted(ids: torch.Tensor, positions: str) -> int:
 
 def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool, detail: bool):
     """The pass itself, without a host sync (so that it can be captured in a CUDA graph): device tensors
-    (loss, kept, neuron_kept, token_ratio) and the captured h of each layer."""
+    ((loss, block sums), kept, neuron_kept, token_ratio) and the captured h of each layer."""
     from sparsinglaw.kernels import cett_mask  # lazy, as every kernel: Triton is optional
 
     counted = counted_positions(ids, positions).flatten()
@@ -324,10 +347,11 @@ class GraphedPass:
             return self._pass()
         self.graph.replay()
         # the graph's outputs are overwritten by the next replay: callers keep copies
-        return tuple(x.clone() if x is not None else None for x in self.out)
+        (loss, blocks), *rest = self.out
+        return ((loss.clone(), blocks.clone()), *(x.clone() if x is not None else None for x in rest))
 
     def _pass(self) -> tuple:
-        """The pass on the static buffers: (loss, kept, neuron_kept, token_ratio) device tensors."""
+        """The pass on the static buffers: ((loss, block sums), kept, neuron_kept, token_ratio) device tensors."""
         return _pass(self.m, self.ids, Rule("cett", thresholds=self.th), self.positions, False, self.detail)[:4]
 
 

@@ -26,17 +26,17 @@ from transformers import TrainerCallback
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.search import (
-    BatchState,
     Evaluation,
+    FastSearch,
     PassCounter,
     check_p,
     combine,
-    evaluate_states,
     fast_search,
-    solve_tau,
     stream,
 )
+from sparsinglaw.solver import Acceptance, TauSolver
 from sparsinglaw.sparse import Model
+from sparsinglaw.uncertainty import Noise, a_per_f, band
 
 SERIES_FILE = "series.json"
 ONLINE_FILE = "online.jsonl"
@@ -61,13 +61,17 @@ class TrackResult:
 
     def summary(self) -> str:
         s = self.series
+        cal = (s.get("calibration") or {}).get("band")
+        band = f" [{cal['tau_interval'][0]:.5f}, {cal['tau_interval'][1]:.5f}]" if cal else ""
         lines = [self.message,
-                 f"tau {s['tau']:.5f} (CETT-PPL-{s['p']:g}%), {len(s['tokens'])} checkpoints, "
+                 f"tau {s['tau']:.5f}{band} (CETT-PPL-{s['p']:g}%), {len(s['tokens'])} checkpoints, "
                  f"{s['settings']['tokens']} validation tokens each; measured {len(self.measured)}, "
                  f"kept {len(self.reused)} ({self.seconds:.1f} s)",
-                 f"{'checkpoint':<14} {'tokens':>12} {'act. ratio':>10} {'PPL ratio':>9} {'dead':>7}"]
+                 f"{'checkpoint':<14} {'tokens':>12} {'act. ratio':>10} {'95% +-':>7} {'PPL ratio':>9} {'dead':>7}"]
         for i, ck in enumerate(s["checkpoints"]):
-            lines.append(f"{ck['name']:<14} {s['tokens'][i]:>12,} {s['activation_ratio'][i]:>10.4f} "
+            iv = (s.get("activation_ratio_interval") or [None] * (i + 1))[i]
+            half = f"{(iv[1] - iv[0]) / 2:>7.4f}" if iv else f"{'':>7}"
+            lines.append(f"{ck['name']:<14} {s['tokens'][i]:>12,} {s['activation_ratio'][i]:>10.4f} {half} "
                          f"{s['ppl_ratio'][i]:>9.5f} {s['dead_neuron_ratio'][i]:>7.4f}")
         return "\n".join(lines)
 
@@ -160,16 +164,18 @@ class Calibration:
     evaluations: int
     seconds: float
     message: str = ""
+    band: dict | None = None  # `uncertainty.Band` of the calibration: the tau band consistent with the target
+    a_per_f: float | None = None  # d(activation ratio) / d(PPL ratio) at the target, on the calibration's evaluations
 
     def to_json(self) -> dict:
         return {"tau": self.tau, "checkpoints": self.checkpoints, "ppl_ratio": self.ppl_ratio,
                 "mean_ppl_ratio": self.mean_ppl_ratio, "evaluations": self.evaluations,
-                "seconds": self.seconds, "message": self.message}
+                "seconds": self.seconds, "message": self.message, "band": self.band, "a_per_f": self.a_per_f}
 
 
 def calibrate(models: list[tuple[str, torch.nn.Module]], batches: list[torch.Tensor], p: float,
               positions: str = "all", tau0: float = 0.1, ftol: float = 1e-4, state_budget: int | None = None,
-              log: Callable[[str], Any] = print) -> Calibration:
+              log: Callable[[str], Any] = print, noise: Noise | None = None) -> Calibration:
     """Find the tau at which the mean over `models` of their PPL ratios is 1 + p/100 (the paper's rule).
 
     Each model's dense passes and per-layer statistics are kept across the root finder's rounds when they
@@ -187,28 +193,33 @@ def calibrate(models: list[tuple[str, torch.nn.Module]], batches: list[torch.Ten
                         else CPU_STATE_BUDGET)
     keep = need <= state_budget
     counter = PassCounter(len(batches) * len(ms))
-    states = [[BatchState(m, ids, positions, counter) for ids in batches] for _, m in ms] if keep else None
+    states = [FastSearch(m, batches, positions, counter) for _, m in ms] if keep else None
     log(f"calibrating one tau on {', '.join(n for n, _ in ms)} "
         f"({'dense passes held' if keep else 'streamed: dense intermediates exceed the memory budget'})")
     per_tau: dict[float, list[Evaluation]] = {}
+    means: list[Evaluation] = []  # each tau's evaluation of the calibration checkpoints together
 
     def evaluate(tau: float) -> Evaluation:
         evs = []
         for j, (_, m) in enumerate(ms):
-            parts = (evaluate_states(m, states[j], tau, positions, counter, detail=False) if keep
-                     else stream(m, batches, tau, positions, counter, detail=False))
-            evs.append(combine(tau, parts))
+            evs.append(states[j].evaluate(tau, detail=False, lockstep=True) if keep
+                       else combine(tau, stream(m, batches, tau, positions, counter, detail=False)))
         per_tau[tau] = evs
         mean = sum(e.ppl_ratio for e in evs) / len(evs)
         log(f"  tau={tau:.6f}  mean PPL ratio {mean:.5f}  ("
             + ", ".join(f"{e.ppl_ratio:.4f}" for e in evs) + ")")
-        return Evaluation(tau=tau, ppl_ratio=mean, loss_dense=sum(e.loss_dense for e in evs) / len(evs),
+        means.append(Evaluation(tau=tau, ppl_ratio=mean, loss_dense=sum(e.loss_dense for e in evs) / len(evs),
                           loss_sparse=sum(e.loss_sparse for e in evs) / len(evs),
                           kept=sum(e.kept for e in evs), tokens=sum(e.tokens for e in evs), d_ff=evs[0].d_ff,
                           thresholds=torch.cat([e.thresholds for e in evs]),
-                          batch_ratios=[e.ppl_ratio for e in evs])
+                          batch_ratios=[e.ppl_ratio for e in evs],
+                          # every checkpoint's batches: F is the mean of their ratios (as many per checkpoint)
+                          blocks=[b for e in evs for b in e.blocks]))
+        return means[-1]
 
-    ev, message = solve_tau(evaluate, target, ftol=ftol, tau0=tau0)
+    solved = TauSolver(target, Acceptance(ftol=ftol), tau0=tau0).solve(evaluate)
+    ev, message = solved.evaluation, "" if solved.success else solved.message
+    found = band(means, target, noise)
     if states is not None:
         states.clear()  # free the dense intermediates before the measuring passes
     _free(m0.device)
@@ -216,14 +227,19 @@ def calibrate(models: list[tuple[str, torch.nn.Module]], batches: list[torch.Ten
         log(f"  calibration: {message}")
     return Calibration(tau=ev.tau, checkpoints=[n for n, _ in ms], ppl_ratio=list(ev.batch_ratios),
                        mean_ppl_ratio=ev.ppl_ratio, evaluations=len(per_tau),
-                       seconds=time.perf_counter() - t0, message=message)
+                       seconds=time.perf_counter() - t0, message=message,
+                       band=found.to_json() if found is not None else None, a_per_f=a_per_f(means, target))
 
 
 # --- one checkpoint at a fixed tau -----------------------------------------------------------------------
 
 def measure_checkpoint(model: torch.nn.Module, batches: list[torch.Tensor], tau: float, ck: Any,
-                       positions: str = "all") -> dict:
-    """Everything the series keeps about one checkpoint at `tau` (per-batch thresholds, streamed)."""
+                       positions: str = "all", a_per_f: float | None = None, noise: Noise | None = None) -> dict:
+    """Everything the series keeps about one checkpoint at `tau` (per-batch thresholds, streamed).
+
+    Its interval: the noise of its PPL ratio (bootstrap over token blocks) carried to the activation ratio
+    through the calibration's slope `a_per_f` (how far the activation ratio moves for the PPL ratio to
+    move that much at the target): activation_ratio +- z * sigma_F * |a_per_f|."""
     from sparsinglaw.measure import measure
 
     t0 = time.perf_counter()
@@ -234,11 +250,27 @@ def measure_checkpoint(model: torch.nn.Module, batches: list[torch.Tensor], tau:
             "ppl": meas.ppl_sparse, "ppl_dense": meas.ppl_dense, "ppl_ratio": meas.ppl_ratio,
             "layer_ratio": [layer["activation_ratio"] for layer in meas.layers],
             "dead_neuron_ratio": meas.dead_neuron_ratio, "frequency_histogram": meas.frequency_histogram,
+            "ppl_ratio_sigma": meas.ppl_ratio_sigma,
+            "activation_ratio_sigma": (meas.ppl_ratio_sigma * abs(a_per_f)
+                                       if meas.ppl_ratio_sigma is not None and a_per_f is not None else None),
+            "activation_ratio_interval": point_interval(meas.activation_ratio, meas.ppl_ratio_sigma, a_per_f, noise),
             "seconds": time.perf_counter() - t0}
 
 
+def point_interval(activation_ratio: float, ppl_ratio_sigma: float | None, a_per_f: float | None,
+                   noise: Noise | None = None) -> list[float] | None:
+    """activation_ratio +- z sigma_F |dA/dF| at the noise's level (None where either is unknown)."""
+    if ppl_ratio_sigma is None or a_per_f is None:
+        return None
+    from scipy.stats import norm
+
+    half = float(norm.ppf(0.5 + (noise or Noise()).level / 2)) * ppl_ratio_sigma * abs(a_per_f)
+    return [max(0.0, activation_ratio - half), min(1.0, activation_ratio + half)]
+
+
 _COLUMNS = ("activation_ratio", "ppl", "ppl_dense", "ppl_ratio", "layer_ratio", "dead_neuron_ratio",
-            "frequency_histogram", "val_loss")
+            "frequency_histogram", "val_loss", "ppl_ratio_sigma", "activation_ratio_sigma",
+            "activation_ratio_interval")
 
 
 def _series(records: list[dict], meta: dict, tau: float, calibration: dict, settings: dict) -> dict:
@@ -380,7 +412,7 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
         model = loaded.pop(ck.path.name, None)
         if model is None:
             model, run_dtype = _load(ck.path, device, dtype)
-        rec = measure_checkpoint(model, batches, tau, ck, positions)
+        rec = measure_checkpoint(model, batches, tau, ck, positions, a_per_f=calibration.get("a_per_f"))
         dev = next(model.parameters()).device
         del model
         _free(dev)
@@ -425,6 +457,7 @@ def _brief(res: Any, seconds: float) -> dict:
     ev = res.evaluation
     return {"p": round(100 * (res.target - 1), 10), "tau": res.tau, "activation_ratio": ev.activation_ratio,
             "ppl_ratio": ev.ppl_ratio, "ppl_dense": math.exp(ev.loss_dense), "measured_tokens": ev.tokens,
+            "activation_ratio_interval": list(res.band.activation_ratio_interval) if res.band else None,
             "seconds": seconds, "message": res.message}
 
 
@@ -474,8 +507,9 @@ class OnlineTracker:
                 net, _ = _load(ckpt_dir, self.device, self.dtype)
                 rec["source"] = "disk"
             # judged by F alone (atol=None): an early, cheap view, not the series' calibrated measurement
-            res = fast_search(Model(net), self._batches[run_dir], self.p, ftol=self.ftol, tau0=self._tau0,
-                              max_evals=self.max_evals, progress=False, atol=None)
+            res = fast_search(Model(net), self._batches[run_dir], self.p, tau0=self._tau0,
+                              acceptance=Acceptance(ftol=self.ftol, atol=None), max_evals=self.max_evals,
+                              progress=False)
             if 0 < res.tau < 1:
                 self._tau0 = res.tau
             if model is None:  # a loaded checkpoint is dropped; the in-memory Llama is kept for the next one
