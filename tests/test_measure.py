@@ -323,25 +323,6 @@ def test_fast_search_streams_batches_beyond_calibration_budget(trained):
     assert streamed.tau == pytest.approx(whole.tau, rel=0.1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the search's side stream is a CUDA stream")
-def test_side_stream_changes_no_result(trained, monkeypatch):
-    # the threshold work on its own stream (search.SideStream) overlaps the passes; every number must be
-    # the same as with everything on one stream, held batches or streamed
-    import copy
-
-    model, batches = trained
-    gpu = copy.deepcopy(model).cuda()
-    on_gpu = [b.cuda() for b in batches]
-    out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("SPARSINGLAW_SEARCH_STREAM", flag)
-        m = Model(gpu)
-        out[flag] = [fast_search(m, on_gpu, p=1.0, progress=False),
-                     fast_search(m, on_gpu, p=1.0, calib_tokens=on_gpu[0].numel(), progress=False)]
-    for one, side in zip(out["0"], out["1"]):
-        assert one.history == side.history  # every tau, PPL ratio and activation ratio, bit for bit
-        assert torch.equal(one.evaluation.thresholds, side.evaluation.thresholds)
-
 
 def test_solver_reaches_target_on_a_power_law_curve_in_few_evaluations():
     from types import SimpleNamespace

@@ -22,12 +22,10 @@ authors' aggregation: the PPL ratio is the mean over batches of exp(loss_sparse 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -403,48 +401,11 @@ class Batchwise:
 
 # --- fast search ----------------------------------------------------------------------------------------
 
-class SideStream:
-    """The fast search's own CUDA stream for its threshold work (DenseLayers, grids, probes). Its host side
-    (Python between probes, a sync on each step's results) then overlaps the passes queued on the default
-    stream: a batch's grids run while the next batch's dense pass is launched, and a batch's probes while
-    the previous batch's sparse pass runs. Every tensor keeps the stream it was made on; the two hand
-    tensors over only through `run` and `hand_back`. A no-op off CUDA, or with SPARSINGLAW_SEARCH_STREAM=0."""
-
-    def __init__(self, device: torch.device | None):
-        on = device is not None and device.type == "cuda" and os.environ.get("SPARSINGLAW_SEARCH_STREAM", "1") != "0"
-        self.stream = torch.cuda.Stream(device) if on else None
-
-    @contextlib.contextmanager
-    def run(self, *inputs: torch.Tensor) -> Iterator[None]:
-        """Work on the side stream. `inputs`: tensors made on the default stream: the side stream then waits
-        for the default stream's work so far, and their memory is not reused before it is done with them.
-        Without inputs it does not wait (so a search overlaps the sparse pass queued before it)."""
-        if self.stream is None:
-            yield
-            return
-        if inputs:
-            self.stream.wait_stream(torch.cuda.current_stream())
-        for t in inputs:
-            t.record_stream(self.stream)
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def hand_back(self, *outputs: torch.Tensor) -> None:
-        """The default stream waits for the side stream's work so far, and may use `outputs`."""
-        if self.stream is None:
-            return
-        main = torch.cuda.current_stream()
-        main.wait_stream(self.stream)
-        for t in outputs:
-            t.record_stream(main)
-
-
 class BatchState:
-    """One batch's dense loss and memoised per-layer threshold search (its grids queued on `side`, and read
+    """One batch's dense loss and memoised per-layer threshold search (its grids queued at once, and read
     back at first use)."""
 
-    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter,
-                 side: SideStream | None = None):
+    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter):
         t0 = time.perf_counter()
         dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
         counter.passes += 1
@@ -452,10 +413,9 @@ class BatchState:
         self.loss_dense = dense.loss
         counter.timed("dense", t0)
         t0 = time.perf_counter()
-        self.side, self._counter = side or SideStream(None), counter
-        with self.side.run(*dense.dense_h):
-            self._dense = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
-            self._ends = self._dense.grid_ends()
+        self._counter = counter
+        self._dense = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
+        self._ends = self._dense.grid_ends()
         self._search: ThresholdSearch | None = None
         counter.timed("grids", t0)
 
@@ -464,8 +424,7 @@ class BatchState:
         """The memoised threshold search; its grids are read back here, at first use."""
         if self._search is None:
             t0 = time.perf_counter()
-            with self.side.run():
-                self._search = ThresholdSearch(self._dense, self._dense.grids(self._ends))
+            self._search = ThresholdSearch(self._dense, self._dense.grids(self._ends))
             self._counter.timed("grids", t0)
         return self._search
 
@@ -474,16 +433,13 @@ def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: s
                     detail: bool, hint: ThresholdSearch | None = None, launch: bool = False
                     ) -> list[tuple[float, PassResult | LaunchedPass, torch.Tensor]]:
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search, all
-    batches' searches stepped together, on their side stream). launch: return the passes queued, not read
+    batches' searches stepped together). launch: return the passes queued, not read
     back (`resolved` reads them), so that the host goes on to other work meanwhile."""
     def counts() -> tuple[int, int]:
         return (sum(st.search.evaluations for st in states), sum(st.search.dense.updated_probes for st in states))
 
-    side = states[0].side
     before, t0 = counts(), time.perf_counter()
-    with side.run():
-        ths = thresholds_all([st.search for st in states], tau, hint)
-    side.hand_back(*ths)
+    ths = thresholds_all([st.search for st in states], tau, hint)
     after = counts()
     counter.products += after[0] - before[0]
     counter.updates += after[1] - before[1]
@@ -508,11 +464,11 @@ def resolved(parts: list[tuple[float, PassResult | LaunchedPass, torch.Tensor]],
 
 
 def stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, counter: PassCounter,
-           detail: bool, side: SideStream | None = None) -> list[tuple[float, PassResult, torch.Tensor]]:
+           detail: bool) -> list[tuple[float, PassResult, torch.Tensor]]:
     """Batches beyond the calibration budget: dense pass, thresholds, sparse pass, then freed."""
     parts = []
     for ids in batches:
-        st = BatchState(m, ids, positions, counter, side)
+        st = BatchState(m, ids, positions, counter)
         parts += evaluate_states(m, [st], tau, positions, counter, detail)
         del st
     return parts
@@ -545,8 +501,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     calib, rest = split_calibration(batches, calib_tokens)
     _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
          + (f", {len(rest)} more batches streamed" if rest else ""), progress)
-    side = SideStream(m.device)
-    states = [BatchState(m, ids, positions, counter, side) for ids in calib]
+    states = [BatchState(m, ids, positions, counter) for ids in calib]
     history: list[dict] = []
 
     batchwise = Batchwise(len(states), target, min(st.ids.numel() for st in states), early_stop)
@@ -558,7 +513,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         # enough to agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on
         # 1K-token batches of SmolLM2-135M they added 7%)
         # unless early stopping reads each batch's loss as it comes, a batch's sparse pass is left running
-        # while the next batch's thresholds are searched (on the side stream), and read back at the end
+        # while the next batch's thresholds are searched, and read back at the end
         launch = not batchwise.stops
 
         def one(i: int) -> tuple[tuple, float]:
@@ -584,7 +539,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
             parts = evaluate_states(m, states, ev.tau, positions, counter, detail=True)
             for st in states:  # room for the streamed batch in flight
                 st.search.dense.drop_products()
-            parts += stream(m, rest, ev.tau, positions, counter, detail=True, side=side)
+            parts += stream(m, rest, ev.tau, positions, counter, detail=True)
             full = combine(ev.tau, parts)
             history.append({**full.brief(), "batches": len(batches)})
             _say(f"  all {len(batches)} batches at tau={ev.tau:.6f}: ppl_ratio={full.ppl_ratio:.5f}", progress)
