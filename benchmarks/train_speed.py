@@ -46,7 +46,7 @@ from sparsinglaw.train.checkpoint import write_checkpoint
 from sparsinglaw.train.export import save_hf
 from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
 from sparsinglaw.train.presets import get_preset
-from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, hook_takes_model, make_optimizer, resolve_dtype
+from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, autocast_mode, hook_takes_model, make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -105,7 +105,7 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
     """Throughput of one configuration, then the cost of a checkpoint and of the hook / online tracker."""
     gpu = device.type == "cuda"
     preset = get_preset(preset_name)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = autocast_mode(args.dtype, device)
     steps = args.steps or (30 if gpu else 10)
     warm = args.warmup_steps if args.warmup_steps is not None else (8 if gpu else 2)
     use_compile = gpu if args.compile is None else args.compile

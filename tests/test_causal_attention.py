@@ -1,4 +1,4 @@
-"""sparse.causal_attention: passes attend through SDPA's is_causal without a mask being built, and give
+"""patches.causal_attention: passes attend through SDPA's is_causal without a mask being built, and give
 exactly what transformers' own SDPA path gives (which, unpadded and uncached, builds no mask either).
 
 On a GPU this is what makes a CUDA-graphed pass equal an eager one (tests/test_graphs.py); here, on CPU,
@@ -7,7 +7,7 @@ it must change nothing at all.
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +15,9 @@ from tiny import buildable, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from sparsinglaw import sparse
-from sparsinglaw.sparse import CAUSAL_FAMILIES, Model, Rule, causal_attention, run_pass
+from sparsinglaw.backend import current, using
+from sparsinglaw.patches import CAUSAL_FAMILIES, causal_attention
+from sparsinglaw.sparse import Model, Rule, run_pass
 
 
 def passes(model: torch.nn.Module, seq: int = 16) -> list:
@@ -33,8 +34,7 @@ def test_passes_equal_transformers_own_sdpa_and_build_no_mask(family, monkeypatc
     with causal_attention(model, 16) as applied:
         assert applied
     assert model.config._attn_implementation == "sdpa"  # restored
-    with monkeypatch.context() as mp:  # transformers' own path: the patch off
-        mp.setattr(sparse, "causal_attention", lambda model, seq: contextlib.nullcontext(False))
+    with using(replace(current(), causal_sdpa=False)):  # transformers' own path: the patch off
         want = passes(model)
 
     def no_mask(*args, **kwargs):

@@ -79,12 +79,12 @@ torch.manual_seed(4)
 h, w = torch.randn(3, 37, 50), torch.randn(3, 21, 50)
 dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
 layers, t = torch.tensor([0, 2, 2, 1]), torch.tensor([0.5, 0.3, 1.2, 0.8])
-import os
+from sparsinglaw.backend import Backend, using
 assert dense.a is None  # the fused path is the one measured below: it needs no fp32 a
 fused = dense.cett(layers, t)
-os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
-plain_dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
-plain = plain_dense.cett(layers, t)
+with using(Backend(fused_probe=False, interpret=True)):
+    plain_dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
+    plain = plain_dense.cett(layers, t)
 assert torch.allclose(fused, plain, rtol=1e-5), (fused, plain)
 assert torch.equal(dense.grids(), plain_dense.grids())
 print("ok", fused.tolist())
@@ -100,7 +100,7 @@ def test_fused_probe_matches_the_unfused_cett():
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SPARSINGLAW_FUSED_PROBE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
 

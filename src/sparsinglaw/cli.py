@@ -12,6 +12,17 @@ import typer
 
 from sparsinglaw.errors import UserError
 
+BACKEND_HELP = ("performance switches, comma-separated name=on|off (fused_probe, probe_updates, fused_mask, "
+                "fused_rope, fused_norm, cuda_graphs, causal_sdpa), or 'plain' for the torch path throughout")
+
+
+def _backend(text: str):
+    """The `Backend` of a --backend option, resolved once, before any work (a bad switch fails first)."""
+    from sparsinglaw.backend import Backend, using
+
+    return using(Backend.parse(text))
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Activation sparsity of LLMs: measure, train, track, fit (arXiv 2411.02335).")
 
@@ -56,6 +67,7 @@ def measure(
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16"),
     out: Path = typer.Option(Path("sparsinglaw-out"), help="output folder"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    backend: str = typer.Option("", help=BACKEND_HELP),
 ) -> None:
     """Measure activation sparsity with one metric; write measurement.json, thresholds.json and plots."""
     from sparsinglaw.io import staged_dir
@@ -68,14 +80,23 @@ def measure(
         _check_params(metric, p, tau, k, eps)
     if search not in ("fast", "reference"):
         raise UserError(f"unknown --search {search!r}; use fast or reference")
-    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
-    result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
-                         search=search, tol=tol, positions=positions, calib_tokens=calib_tokens,
-                         thresholds=th, name=lm.name, progress=not quiet)
+    with _backend(backend):
+        lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
+        result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
+                             search=search, tol=tol, positions=positions, calib_tokens=calib_tokens,
+                             thresholds=th, name=lm.name, progress=not quiet)
     with staged_dir(out) as stage:
         result.save(stage)
     print(result.summary())
     print(f"wrote {out}/measurement.json" + (", thresholds.json" if result.thresholds else "") + " and plots")
+
+
+@app.command()
+def fetch(name: str = typer.Argument(..., help="built-in model: smollm2-135m")) -> None:
+    """Download and convert a built-in model once (the only command that needs the network)."""
+    from sparsinglaw.models import fetch as run_fetch
+
+    print(f"{name} is ready in {run_fetch(name)}")
 
 
 @app.command()
@@ -90,13 +111,15 @@ def tradeoff(
     dtype: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
     out: Path = typer.Option(Path("sparsinglaw-tradeoff"), help="output folder"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    backend: str = typer.Option("", help=BACKEND_HELP),
 ) -> None:
     """PPL versus activation ratio of CETT, Top-k, FAT and zero on the same data (paper Figure 2)."""
     from sparsinglaw.io import staged_dir
     from sparsinglaw.measure import tradeoff as run_tradeoff
 
-    lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
-    result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
+    with _backend(backend):
+        lm, batches = _load(model, device, dtype, data, tokens, seq_len, batch_size, quiet)
+        result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
     with staged_dir(out) as stage:
         result.save(stage)
     print(f"{'metric':<6} {'param':>10} {'act. ratio':>10} {'PPL ratio':>10}")
@@ -240,14 +263,16 @@ def track(
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16"),
     out: Path | None = typer.Option(None, "--out", help="folder for series.json and plots (default: RUN)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    backend: str = typer.Option("", "--backend", help=BACKEND_HELP),
 ) -> None:
     """Sparsity over a run: one tau on the last checkpoints, every checkpoint at it -> series.json, plots."""
     from sparsinglaw.track import track as run_track
     from sparsinglaw.train import parse_tokens
 
-    result = run_track(run, p=p, tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size,
-                       last=last, recalibrate=recalibrate, device=device, dtype=dtype, out=out,
-                       progress=not quiet)
+    with _backend(backend):
+        result = run_track(run, p=p, tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size,
+                           last=last, recalibrate=recalibrate, device=device, dtype=dtype, out=out,
+                           progress=not quiet)
     print(result.summary())
     print(f"wrote {result.path} and {len(result.plots)} plots; fit with: sparsinglaw fit {result.path} "
           f"--out {result.path.parent / 'fit'}")

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsinglaw import search as search_mod
+from sparsinglaw.backend import current
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.sites import activation_name, hooked
@@ -49,6 +50,7 @@ class Measurement:
     frequency_histogram: dict
     static: dict | None = None
     regime: str = "per-batch"
+    backend: dict = field(default_factory=dict)  # the `Backend` it ran under
     thresholds: Thresholds | None = field(default=None, repr=False)
     token_ratio: list[list[float]] | None = field(default=None, repr=False)
     neuron_frequency: np.ndarray | None = field(default=None, repr=False)
@@ -240,7 +242,7 @@ def _finish(m: Model, ev, name, metric, params, positions, n_batches, cett_tau, 
         ppl_ratio=ev.ppl_ratio, ppl_ratio_pooled=math.exp(ev.loss_sparse - ev.loss_dense),
         activation_ratio=ev.activation_ratio, cett=cett_tau, layers=layers, search=search_json,
         timings={"total_s": seconds}, dead_neuron_ratio=dead, frequency_histogram=hist, static=static,
-        regime=regime, thresholds=static_th,
+        regime=regime, backend=current().to_json(), thresholds=static_th,
         token_ratio=ev.token_ratio.tolist() if ev.token_ratio is not None else None, neuron_frequency=freq)
 
 
@@ -258,6 +260,7 @@ class Tradeoff:
     ppl_dense: float
     points: list[dict]  # {metric, param, value, activation_ratio, ppl_ratio}
     timings: dict
+    backend: dict = field(default_factory=dict)  # the `Backend` it ran under
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -316,4 +319,4 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
                        "ppl_ratio": ev.ppl_ratio})
     return Tradeoff(model=name, activation=activation_name(model), tokens=sum(b.numel() for b in batches),
                     ppl_dense=math.exp(sum(dense_losses) / len(dense_losses)), points=points,
-                    timings={"total_s": time.perf_counter() - t0})
+                    timings={"total_s": time.perf_counter() - t0}, backend=current().to_json())

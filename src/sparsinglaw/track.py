@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from sparsinglaw.backend import current
 from sparsinglaw.errors import UserError
-from sparsinglaw.io import atomic_write_json
+from sparsinglaw.io import append_jsonl, atomic_write_json
 from sparsinglaw.search import (
     BatchState,
     Evaluation,
@@ -226,7 +227,7 @@ def _series(records: list[dict], meta: dict, tau: float, calibration: dict, sett
     """series.json: metadata, then one list per quantity (one entry per checkpoint, oldest first)."""
     records = sorted(records, key=lambda r: r["step"])
     out = {**meta, "p": settings["p"], "tau": tau, "metric": f"CETT-PPL-{settings['p']:g}%",
-           "calibration": calibration, "settings": settings,
+           "calibration": calibration, "settings": settings, "backend": current().to_json(),
            "tokens": [r["tokens"] for r in records]}
     for key in _COLUMNS:
         out[key] = [r.get(key) for r in records]
@@ -394,12 +395,6 @@ def write_plots(series: dict, out: str | Path) -> list[Path]:
 
 # --- online: a cheap look at each checkpoint during training -----------------------------------------------
 
-def _append_jsonl(path: Path, rec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 def _brief(res: Any, seconds: float) -> dict:
     ev = res.evaluation
     return {"p": round(100 * (res.target - 1), 10), "tau": res.tau, "activation_ratio": ev.activation_ratio,
@@ -470,7 +465,7 @@ class OnlineTracker:
                        seconds=time.perf_counter() - t0)
             self.log(f"online tracking {ckpt_dir.name} failed: {rec['error']}")
         rec["time"] = time.time()
-        _append_jsonl(run_dir / ONLINE_FILE, rec)
+        append_jsonl(run_dir / ONLINE_FILE, rec)
         return rec
 
     @torch.no_grad()
@@ -550,4 +545,4 @@ class SparsityCallback(TrainerCallback):
                **{f"sparsity/{k}": v for k, v in brief.items()}}
         self.records.append(rec)
         state.log_history.append(rec)
-        _append_jsonl(Path(args.output_dir) / self.file, rec)
+        append_jsonl(Path(args.output_dir) / self.file, rec)

@@ -13,8 +13,8 @@ The weak test is the reference's own (`a = |h| * norms` in fp32, `a <= t`, see `
 computed in registers, so the kept counts equal those of the torch path (`metrics.keep_cett`) exactly.
 Counted rows: every row, or (`seq` given, positions "labeled") every row but the last of each sequence.
 
-On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_MASK=0 turns it off (the torch path
-serves). Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+On by default on CUDA when Triton is importable (`Backend.fused_mask`; off, the torch path serves).
+Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MAX_TILES = 64
 
 def enabled(h: torch.Tensor) -> bool:
     """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    return triton is not None and serves(h, "SPARSINGLAW_FUSED_MASK")
+    return triton is not None and serves(h, "fused_mask")
 
 
 def tiles_per_program(row_tiles: int, col_blocks: int) -> int:

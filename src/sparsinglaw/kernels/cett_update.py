@@ -16,7 +16,7 @@ only in the order of its fp32 sums (about 1e-7 relative). Deterministic: `torch.
 changed elements in order, and each token's row is updated by one program, element after element.
 
 Used by `DenseLayers.cett` where the fused probe serves (`cett_probe.enabled`);
-SPARSINGLAW_PROBE_UPDATES=0 turns it off (every probe is then a dense product).
+`Backend.probe_updates` switches it (every probe is then a dense product).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ MASK_BYTES = 1 << 30  # the band masks of one launch (one byte per element of h)
 
 
 def enabled(h: torch.Tensor) -> bool:
-    """Sparse updates serve where the fused probe does, unless turned off."""
-    return switched_on("SPARSINGLAW_PROBE_UPDATES") and cett_probe.enabled(h)
+    """Sparse updates serve where the fused probe does, unless switched off."""
+    return switched_on("probe_updates") and cett_probe.enabled(h)
 
 
 if triton is not None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from sparsinglaw import models
 from sparsinglaw.data import Corpus, get_corpus, n_sequences
 from sparsinglaw.errors import UserError
-from sparsinglaw.io import atomic_write_json
+from sparsinglaw.io import append_jsonl, atomic_write_json
 from sparsinglaw.train.checkpoint import clean_temp, load_resume_state, prune_states, write_checkpoint
 from sparsinglaw.train.export import save_hf
 from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
@@ -131,15 +131,15 @@ def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if dtype not in ("bf16", "bfloat16", "fp32", "float32"):
-        raise UserError(f"unknown dtype '{dtype}'; use auto, bf16 or fp32")
-    return "bf16" if dtype.startswith("bf") else "fp32"
+def autocast_mode(dtype: str, device: torch.device) -> str:
+    """The training precision, bf16 (autocast) or fp32, from a --dtype (`models.resolve_dtype`'s names)."""
+    dt = models.resolve_dtype(dtype, device)
+    if dt == torch.float16:
+        raise UserError("training does not support --dtype fp16; use auto, bf16 or fp32")
+    return "bf16" if dt == torch.bfloat16 else "fp32"
 
 
-def resolve_device(name: str | None, local_rank: int) -> torch.device:
+def process_device(name: str | None, local_rank: int) -> torch.device:
     """The measuring side's device rules (sparsinglaw.models), plus this process's GPU under torchrun."""
     device = models.resolve_device(name or "auto")
     if device.type == "cuda":
@@ -235,8 +235,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
     rank, local_rank, world = _dist_setup()
     master = rank == 0
     say = log if master else (lambda _msg: None)
-    device = resolve_device(cfg.device, local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = process_device(cfg.device, local_rank)
+    dtype = autocast_mode(cfg.dtype, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     run_dir = Path(cfg.out)
     preset = get_preset(cfg.preset)
@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
                    "time": time.time()}
             result.losses.append(loss_val)
             if master:
-                _append_log(run_dir / "log.jsonl", rec)
+                append_jsonl(run_dir / "log.jsonl", rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             loss_sum.zero_()
@@ -417,7 +417,7 @@ def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: tor
         else:
             on_checkpoint(path)
     t2 = time.perf_counter()
-    _append_log(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
+    append_jsonl(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
                                         "checkpoint": str(path), "checkpoint_s": t1 - t0, "hook_s": t2 - t1,
                                         "time": time.time()})
     return path, val
@@ -432,11 +432,6 @@ def hook_takes_model(hook: Callable[..., Any]) -> bool:
     return any(p.kind is p.VAR_KEYWORD or (p.name == "model" and p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                                             p.KEYWORD_ONLY))
                for p in params)
-
-
-def _append_log(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
