@@ -57,3 +57,16 @@ def test_cli_records_the_backend_and_rejects_a_bad_one(tiny_dir, tmp_path, capsy
     assert run([*args, "--backend", "graphs=off"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--backend" in err[0]
+
+
+def test_the_public_api_imports_from_the_package():
+    import sparsinglaw
+
+    for name in sparsinglaw.__all__:
+        assert getattr(sparsinglaw, name) is not None, name
+    from sparsinglaw import Backend as B
+    from sparsinglaw import measure
+
+    assert B is Backend and measure.__module__ == "sparsinglaw.measure"
+    with pytest.raises(AttributeError):
+        sparsinglaw.no_such_name  # noqa: B018

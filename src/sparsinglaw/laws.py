@@ -915,14 +915,7 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     fails is reported with `success=False` and its reason.
     """
     s = series if isinstance(series, Series) else load_series(series)
-    if form != "auto":
-        get_form(form)
-    if drop_first < 0:
-        raise UserError(f"--drop-first must be >= 0, got {drop_first}")
-    if bootstrap < 0:
-        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
-    if not 0 < level < 1:
-        raise UserError(f"level must be in (0, 1), got {level}")
+    _check_fit_args(form, drop_first, bootstrap, level)
     D, A, n = s.D, s.activation_ratio, s.tokens.size
     used = np.ones(n, dtype=bool)
     dropped: list[Dropped] = []
@@ -961,7 +954,31 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     fit = forms[chosen]
     ok = {k: v for k, v in forms.items() if v.success}
     best = min(ok, key=lambda k: ok[k].aic) if ok else None
+    warnings += _fit_warnings(forms, chosen, best)
+    out = LawFit(series=s, form=chosen, selection=selection, fit=fit, forms=forms, dropped=dropped,
+                 used=used, best_by_aic=best, warnings=warnings)
+    if fit.success:
+        _add_forecasts(out, target_ratio, forecast_tokens)
+    return out
+
+
+def _check_fit_args(form: str, drop_first: int, bootstrap: int, level: float) -> None:
+    if form != "auto":
+        get_form(form)
+    if drop_first < 0:
+        raise UserError(f"--drop-first must be >= 0, got {drop_first}")
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
+    if not 0 < level < 1:
+        raise UserError(f"level must be in (0, 1), got {level}")
+
+
+def _fit_warnings(forms: dict[str, FormFit], chosen: str, best: str | None) -> list[str]:
+    """What a reader of the chosen fit should know: a form that fits better or as well by AIC, failed
+    forms, a fit that did not converge, a parameter at its bound."""
+    fit, warnings = forms[chosen], []
     if best is not None and best != chosen and fit.success:
+        ok = {k: v for k, v in forms.items() if v.success}
         gap = fit.aic - ok[best].aic
         kind = "baseline" if best in BASELINE_FORMS else "law"
         if gap > 4:
@@ -982,11 +999,7 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     if fit.success and chosen == "relu" and fit.params["alpha"] < 2e-3:
         warnings.append("alpha is at its lower bound: the curve is a pure power law A0 + K*D^-(c*alpha), "
                         "so b and c are not separately determined (A0 still is)")
-    out = LawFit(series=s, form=chosen, selection=selection, fit=fit, forms=forms, dropped=dropped,
-                 used=used, best_by_aic=best, warnings=warnings)
-    if fit.success:
-        _add_forecasts(out, target_ratio, forecast_tokens)
-    return out
+    return warnings
 
 
 def _add_forecasts(out: LawFit, target_ratio: float | None, forecast_tokens: Sequence[float] | None) -> None:

@@ -359,7 +359,7 @@ class Batchwise:
     Early stopping is off by default. Each batch's share of the PPL rise drifts with tau and is rough
     (one batch's ln F was 2.5 times the set's at one tau on a 1.2B model), so partial evaluations near
     the target misjudge it and cost more evaluations than they save: replayed on real curves (`python
-    benchmarks/solver_sim.py --curves ...`, 6 slices x 24 batch orders) the solver needed 3.33 full
+    benchmarks/dev/solver_sim.py --curves ...`, 6 slices x 24 batch orders) the solver needed 3.33 full
     evaluations on average (at most 4) without it, 3.94 (up to 7.25) with it."""
 
     def __init__(self, n: int, target: float, batch_tokens: int = EARLY_STOP_TOKENS, early_stop: bool = False):

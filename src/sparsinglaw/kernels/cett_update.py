@@ -9,7 +9,7 @@ the weak test `a <= t`); a few candidates of the 65,536-point grid apart that is
 
 costs a pass over h (finding them) and over y (updating it), instead of a dense (m x d_f)(d_f x d_h)
 product: on an H200 at the 1.2B shape (16K tokens, d_f 4480, d_h 1792) the dense probe takes about
-0.75 ms per layer (benchmarks/profile_gpu.py probes).
+0.75 ms per layer (benchmarks/dev/profile_gpu.py probes).
 
 The products h * W are exact in fp32 (bf16 or fp16 operands), so y(t') differs from a dense probe's
 only in the order of its fp32 sums (about 1e-7 relative). Deterministic: `torch.nonzero` lists the

@@ -2,7 +2,7 @@
 
 transformers' LlamaRMSNorm upcasts to fp32, squares, averages, takes rsqrt, scales, casts back and
 multiplies by the weight: six to eight kernels per call, 65 calls per pass of the paper's 1.2B shape,
-about 20 of the 137 ms of kernel time of a sparse pass on 16K tokens (H200, `benchmarks/profile_gpu.py
+about 20 of the 137 ms of kernel time of a sparse pass on 16K tokens (H200, `benchmarks/dev/profile_gpu.py
 forward`). This kernel does each row in registers:
 
     var = sum(fp32(x)^2) * (1 / d);  y = dtype(fp32(x) * rsqrt(var + eps));  out = dtype(weight * y)

@@ -3,7 +3,7 @@
 transformers applies RoPE as `q * cos + rotate_half(q) * sin` (and the same for k) on the transposed
 (batch, heads, seq, head_dim) views of the projections: a `torch.cat` and five elementwise kernels per
 tensor, all on strided memory. On an H200 that was 26-29% of a whole sparse pass of the paper's 0.1B
-and 1.2B shapes (16K tokens: 7.7 of 26.6 ms and 35 of 137 ms of kernel time; `benchmarks/profile_gpu.py
+and 1.2B shapes (16K tokens: 7.7 of 26.6 ms and 35 of 137 ms of kernel time; `benchmarks/dev/profile_gpu.py
 forward`). This kernel reads q, k, cos and sin once and writes both outputs, one program per token.
 
 It rounds exactly where torch does: each product `x * cos`, `x * sin` is rounded to the tensors' dtype,

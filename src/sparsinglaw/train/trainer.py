@@ -220,8 +220,8 @@ def _check_resume_config(saved: dict, current: dict) -> None:
                             f"({saved.get(key)} vs {current.get(key)}); use the original settings")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,
-          log: Callable[[str], Any] = print) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,  # noqa: C901
+          log: Callable[[str], Any] = print) -> TrainResult:  # (the training loop: reads top to bottom)
     """Train a model from scratch (or resume) into `cfg.out`; returns what was done.
 
     `on_checkpoint(ckpt_dir)` runs on rank 0 after each checkpoint is complete on disk (the tracking hook);
