@@ -5,7 +5,7 @@ i-1's thresholds at that tau as the hint, every batch's search memoised across t
 The count depends on the shape of CETT(threshold) near the answer and on how alike batches are, so the
 data are SmolLM2-135M's dense FFN intermediates on the default text (CPython prose), 4 batches of
 4 x 2048 tokens, every 5th layer (masked products of all 30 layers take too long on a CPU). The tau
-sequences are those of real fast searches (H200 runs, and this CPU's SmolLM2 run).
+sequences are those of real fast searches (on the H200, and this CPU's SmolLM2 measurement).
 
   python benchmarks/dev/threshold_probes.py          # table + results/benchmarks/dev/threshold_probes.json
   python benchmarks/threshold_probes.py --against /tmp/metrics_orig.py   # also an older metrics.py:
@@ -36,7 +36,7 @@ import torch
 
 from sparsinglaw import metrics
 
-# tau sequences of real fast searches: H200 runs (0.1B trained, twice; 1.2B random and trained) and this
+# tau sequences of real fast searches: on the H200 (0.1B trained, twice; 1.2B random and trained) and this
 # CPU's SmolLM2 (results/measure_speed_*.json)
 SEQUENCES = {
     "h200-0.1b": [0.1, 0.10144907760788219],

@@ -1,4 +1,4 @@
-"""Laws of activation ratio versus training data and versus width-depth ratio (SPEC section 3 and 5).
+"""Laws of activation ratio versus training data and versus width-depth ratio (docs/science.md).
 
 Why this module exists: the paper's own fits needed hand-picked starting points and moved a lot with how
 many warm-up checkpoints were dropped. Here every form is fitted from a data-driven grid of starts (each
@@ -1074,7 +1074,8 @@ def linearised(fit: LawFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def scale_table(fits: Sequence[LawFit]) -> list[dict[str, Any]]:
-    """A0 versus non-embedding parameters for runs of several sizes (SPEC finding 4), sorted by size."""
+    """A0 versus non-embedding parameters for runs of several sizes, sorted by size (the paper finds that A0
+    depends only weakly on size)."""
     rows = []
     for ft in fits:
         ci = ft.fit.ci.get("A0") if ft.success else None

@@ -23,7 +23,7 @@ from sparsinglaw.sites import activation_name, hooked
 from sparsinglaw.sparse import Model, Rule, Thresholds, run_pass
 
 METRICS = ("zero", "topk", "fat", "cett", "ppl")
-DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead (SPEC 6.6)
+DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead, as in the paper
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (SPEC section 2).
+"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (docs/science.md).
 
 Conventions: h is the input of the down projection (m tokens x d_f), s the activation output,
 `norms` the fp32 column norms of W_down, so neuron i's output norm is a_i = |h_i| * norms_i.
@@ -310,7 +310,7 @@ def reference_grid(a: torch.Tensor) -> torch.Tensor:
 
 
 def reference_layer_threshold(h: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, tau: float) -> float:
-    """The authors' per-layer search, quirks included (SPEC section 2): one masked product and one
+    """The authors' per-layer search, quirks included (docs/science.md): one masked product and one
     host sync per bisection step; returns the candidate just below the first whose CETT exceeds tau,
     wrapping to the largest candidate when even the smallest exceeds tau; no guard for ||y|| = 0."""
     a = h.abs().float() * norms

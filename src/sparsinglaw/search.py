@@ -1,4 +1,6 @@
-"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model (SPEC section 2).
+"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model.
+
+The design and its invariants: docs/cett-ppl-search.md.
 
 Two searches give the same answer:
 - `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes

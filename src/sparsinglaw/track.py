@@ -1,4 +1,4 @@
-"""Sparsity over a training run: the paper's stabilizing strategy (SPEC section 4), kept up to date.
+"""Sparsity over a training run: the paper's stabilizing strategy (one tau per run), kept up to date.
 
 - `track(run_dir)`: calibrate ONE tau on the last five checkpoints together (the mean of their PPL
   ratios is 1 + p%), then measure EVERY checkpoint at that tau (thresholds re-searched per checkpoint and
@@ -268,7 +268,7 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
           dtype: str = "auto", out: str | Path | None = None, positions: str = "all", plots: bool = True,
           state_budget: int | None = None, progress: bool = True,
           log: Callable[[str], Any] | None = None) -> TrackResult:
-    """Measure a run's checkpoints with one tau calibrated on its last `last` checkpoints (SPEC section 4).
+    """Measure a run's checkpoints with one tau calibrated on its last `last` checkpoints, as the paper does.
 
     Incremental: with a series.json already in `out` (default: the run folder), tau is recalibrated on the
     current last checkpoints; if it moved by more than 1% (or `recalibrate`, or the settings changed),
