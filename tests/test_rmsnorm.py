@@ -61,6 +61,7 @@ def test_unservable_calls_return_none():
         assert rmsnorm.apply(x, w, 1e-6) is not None
 
 
+@pytest.mark.skipif(not patches.supported(), reason="a transformers version the patches do not know: they step aside")
 def test_patched_only_inside_the_block():
     model = tiny_model("llama")
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]

@@ -64,6 +64,7 @@ def test_unservable_calls_fall_back():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.skipif(not patches.supported(), reason="a transformers version the patches do not know: they step aside")
 def test_patched_only_inside_the_block_and_only_known_families():
     model = tiny_model("llama")
     mod = importlib.import_module(patches.ROPE_FAMILIES["llama"])

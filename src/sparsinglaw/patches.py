@@ -22,7 +22,7 @@ import torch
 
 from sparsinglaw.backend import current
 
-TESTED = ((5, 0), (5, 25))  # oldest and newest transformers minor versions the tests pass on
+TESTED = ((5, 10), (5, 25))  # oldest and newest transformers minor versions the tests pass on
 
 # model_type -> modeling module whose apply_rotary_pos_emb is `q * cos + rotate_half(q) * sin` with cos/sin
 # unsqueezed at dim 1 (tests/test_rope.py checks each against the kernel)
