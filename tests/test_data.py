@@ -143,3 +143,36 @@ def test_bad_sizes_are_user_errors(tiny_tokenizer, kw):
     args = dict(tokens=100, seq_len=16, batch_size=2) | kw
     with pytest.raises(UserError):
         eval_batches(tiny_tokenizer, None, **args)
+
+
+@pytest.mark.parametrize("ext", [".xz", ".gz", ".bz2"])
+def test_compressed_files_read_like_plain_ones(tmp_path, ext):
+    import bz2
+    import gzip
+    import lzma
+
+    pack = {".xz": lzma.compress, ".gz": gzip.compress, ".bz2": bz2.compress}[ext]
+    (tmp_path / f"a.txt{ext}").write_bytes(pack(PROSE.encode()))
+    records = [{"text": "first document"}, {"text": "second document"}]
+    (tmp_path / f"b.jsonl{ext}").write_bytes(pack("".join(json.dumps(r) + "\n" for r in records).encode()))
+    assert read_documents(tmp_path / f"a.txt{ext}") == [PROSE]
+    assert read_documents(tmp_path / f"b.jsonl{ext}") == ["first document", "second document"]
+    assert read_documents(tmp_path) == [PROSE, "first document", "second document"]  # folders see them too
+    (tmp_path / f"bad.txt{ext}").write_bytes(b"not compressed at all")
+    with pytest.raises(UserError, match="not a valid"):
+        read_documents(tmp_path / f"bad.txt{ext}")
+
+
+def test_corpus_records_each_sources_share(tmp_path):
+    from sparsinglaw.data import build_corpus, corpus_documents, dedup
+
+    (tmp_path / "code").mkdir()
+    for i in range(12):
+        (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
+    c = build_corpus(tmp_path / "c", ["prose", tmp_path / "code"], vocab_size=300, val_fraction=0.2,
+                     log=lambda _m: None)
+    mix = c.meta["sources_mix"]
+    assert [m["source"] for m in mix] == ["prose", str((tmp_path / "code").resolve())]
+    assert sum(m["train_tokens"] for m in mix) == c.meta["train_tokens"]
+    assert sum(m["val_tokens"] for m in mix) == c.meta["val_tokens"]
+    assert mix[1]["documents"] == 12 and mix[0]["documents"] == len(dedup(corpus_documents("prose")))

@@ -206,6 +206,12 @@ def train(
                                        "lr/(d_h/256)); default 0.01"),
     ckpt_every: str | None = typer.Option(None, "--ckpt-every", help="tokens between checkpoints "
                                              "(default: tokens/20)"),
+    ckpt_schedule: str = typer.Option("linear", "--ckpt-schedule", help="linear (every --ckpt-every "
+                                      "tokens) | log (--ckpt-count log-spaced checkpoints: the laws are "
+                                      "about log D)"),
+    ckpt_count: int = typer.Option(24, "--ckpt-count", help="checkpoints of the log schedule"),
+    report_to: str | None = typer.Option(None, "--report-to", help="tensorboard: also log training "
+                                         "scalars to OUT/tensorboard (needs tensorboard installed)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | "
@@ -228,7 +234,13 @@ def train(
                       grad_accum=grad_accum, lr=lr, seed=seed, data=data or None, tokenizer=tokenizer,
                       vocab_size=vocab_size, device=device, dtype=dtype, compile=compile,
                       ckpt_every=parse_tokens(ckpt_every) if ckpt_every else None, log_every=log_every,
+                      ckpt_schedule=ckpt_schedule, ckpt_count=ckpt_count, report_to=report_to,
                       progress=not quiet)
+    from sparsinglaw.train.trainer import checkpoint_steps
+
+    checkpoint_steps(1, ckpt_schedule, 1, ckpt_count)  # a bad schedule fails before the corpus is built
+    if report_to not in (None, "tensorboard"):
+        raise UserError(f"unknown --report-to {report_to!r}; use tensorboard")
     hook = None
     if track_online:
         from sparsinglaw.track import OnlineTracker
@@ -276,6 +288,77 @@ def track(
     print(result.summary())
     print(f"wrote {result.path} and {len(result.plots)} plots; fit with: sparsinglaw fit {result.path} "
           f"--out {result.path.parent / 'fit'}")
+
+
+# --- studies: plan -> runs -> fits -> report ------------------------------------------------------------
+
+@app.command()
+def study(
+    plan: Path = typer.Argument(..., help="study plan (.toml); see studies/smoke.toml and docs/study.md"),
+    out: Path = typer.Option(..., "--out", help="study folder (runs/, fits/, summary.json, report.html)"),
+    only: str | None = typer.Option(None, "--only", help="comma-separated run names to work on"),
+    shard: str | None = typer.Option(None, "--shard", help="K/N: work on runs K, K+N, ... (one process or "
+                                     "GPU per shard, same --out)"),
+    stop_after: float | None = typer.Option(None, "--stop-after", help="minutes; then stop cleanly at a "
+                                            "step boundary (rerun the same command to continue)"),
+    delete_checkpoints: bool = typer.Option(False, "--delete-checkpoints", help="delete each run's "
+                                            "checkpoints once it is tracked (keeps series, logs, fits, PNGs)"),
+    report_to: str | None = typer.Option(None, "--report-to", help="tensorboard: also log training scalars"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile (default: on "
+                                        "for GPU)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the plan and list its runs; write "
+                                 "nothing"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run a study plan: train each run (log-spaced checkpoints), track, fit, write summary.json and report.html."""
+    from sparsinglaw.studies import STOPPED_MESSAGE, StudyOptions, load_plan, run_study, select
+
+    p = load_plan(plan)
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    runs = select(p.runs, names, shard)
+    if dry_run:
+        from sparsinglaw.studies.plan import log_spacing
+
+        print(f"plan {p.name}: {len(p.runs)} runs ({len(runs)} selected); data {', '.join(p.sources)}")
+        for r in runs:
+            print(f"  {r.name:<24} {r.activation:<5} d{r.d_model} L{r.n_layers} "
+                  f"{r.non_embedding_params:>11,} params {r.tokens:>13,} tokens "
+                  f"({r.tokens / r.non_embedding_params:.0f}/param) {len(log_spacing(r))} checkpoints"
+                  + (f" [{r.family}]" if r.family else ""))
+        return
+    if stop_after is not None and stop_after <= 0:
+        raise UserError(f"--stop-after must be a positive number of minutes, got {stop_after:g}")
+    opts = StudyOptions(device=device, dtype=dtype, compile=compile, only=names, shard=shard,
+                        stop_after=stop_after, delete_checkpoints=delete_checkpoints, report_to=report_to,
+                        progress=not quiet)
+    res = run_study(p, out, opts)
+    print(f"runs finished now: {', '.join(res.done) or 'none'}; before: {', '.join(res.skipped) or 'none'}; "
+          f"pending: {', '.join(res.pending) or 'none'}")
+    if res.stopped:
+        print(STOPPED_MESSAGE)
+    elif not res.pending:
+        print(f"study complete: {out}/report.html")
+    else:
+        print(f"selected runs complete; {len(res.pending)} run(s) of the plan are left to other shards")
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="a study folder written by `sparsinglaw study`"),
+    refit: bool = typer.Option(False, "--refit", help="refit the laws from the runs' series first"),
+) -> None:
+    """Rebuild DIR/report.html (and with --refit, the fits and summary.json) from what is on disk."""
+    from sparsinglaw.studies.report import write_report
+
+    if refit:
+        from sparsinglaw.studies.analysis import analyse
+
+        if not (out / "plan.json").is_file():
+            raise UserError(f"{out} is not a study folder (no plan.json); give the --out of `sparsinglaw study`")
+        analyse(out)
+    print(f"wrote {write_report(out)}")
 
 
 def main(argv: list[str] | None = None) -> None:

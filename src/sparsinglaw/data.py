@@ -8,20 +8,26 @@ Two halves, one module:
   that training only slices through `np.memmap`. No data framework in the hot path.
 
 The default training source is what every Python installation ships (pydoc topics plus the standard
-library's .py/.rst/.txt/.md files), so everything works offline on any machine.
+library's .py/.rst/.txt/.md files), so everything works offline on any machine. Named sources pick parts
+of it (`prose`, `stdlib`) or every installed package's text (`site-packages`); text files may be
+compressed (.xz, .gz, .bz2) and are read transparently.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
+import math
 import os
 import re
 import shutil
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,12 @@ from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json, cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+COMPRESSED = {".xz": lzma.decompress, ".gz": gzip.decompress, ".bz2": bz2.decompress}
+# Sources given by name: CPython's English prose (pydoc topics), its standard library, installed packages.
+NAMED_SOURCES = ("prose", "stdlib", "site-packages")
 EOS_TOKEN = "<|endoftext|>"
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: corpus.json records the per-source mix
+TOKENIZER_CHARS = 120_000_000  # BPE is trained on at most about this much text (a spread-out sample)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", "node_modules"}
 
 
@@ -45,8 +55,29 @@ def _builtin_prose() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def _read_text_file(path: Path) -> str:
+def _suffix(path: Path) -> str:
+    """The suffix that says what a file holds: 'a.jsonl.xz' -> '.jsonl' (compression looked through)."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes, decompressed when its name ends in .xz, .gz or .bz2."""
     raw = path.read_bytes()
+    unpack = COMPRESSED.get(path.suffix.lower())
+    if unpack is None:
+        return raw
+    try:
+        return unpack(raw)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise UserError(f"{path} is not a valid {path.suffix} file ({e}); recompress it or pass it "
+                        "uncompressed") from None
+
+
+def _read_text_file(path: Path) -> str:
+    raw = _read_bytes(path)
     if b"\x00" in raw[:8192]:
         raise UserError(f"{path} looks like a binary file; pass a text file (.txt/.md/.rst/.py) or JSONL")
     try:
@@ -95,12 +126,12 @@ def read_documents(source: str | Path | None) -> list[str]:
                         "or JSONL")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+                       if p.is_file() and _suffix(p) in TEXT_SUFFIXES + (".jsonl",))
         if not files:
             raise UserError(f"folder {path} holds no .txt/.md/.rst/.py/.jsonl files")
         # an empty file among others is skipped; a binary or non-UTF-8 one still stops with its name
         docs = [d for f in files if f.read_bytes().strip() for d in read_documents(f)]
-    elif path.suffix.lower() == ".jsonl":
+    elif _suffix(path) == ".jsonl":
         docs = _read_jsonl(path)
     elif path.suffix.lower() == ".parquet":
         docs = _read_parquet(path)
@@ -142,11 +173,11 @@ def eval_batches(tokenizer, source: str | Path | list[str] | None, tokens: int, 
 def _read_lenient(path: Path) -> list[str]:
     """Documents of one file inside a folder being built into a corpus: binary files are skipped and
     stray non-UTF-8 bytes replaced, so one odd file in a big tree does not stop the build."""
-    if path.suffix.lower() in (".jsonl", ".parquet"):
+    if _suffix(path) in (".jsonl", ".parquet"):
         return read_documents(path)
     try:
-        raw = path.read_bytes()
-    except OSError:
+        raw = _read_bytes(path)
+    except (OSError, UserError):
         return []
     if b"\x00" in raw[:8192]:
         return []
@@ -159,12 +190,30 @@ def _walk_text_files(folder: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES + (
     out: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
-        out.extend(Path(root) / f for f in sorted(files) if f.lower().endswith(suffixes))
+        out.extend(Path(root) / f for f in sorted(files) if _suffix(Path(f)) in suffixes)
     return out
 
 
+def site_packages() -> list[Path]:
+    """Every folder installed packages live in (site and user site)."""
+    import site
+
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    return sorted({Path(r) for r in roots if Path(r).is_dir()})
+
+
+def _named_roots(name: str) -> list[Path]:
+    return python_sources() if name == "stdlib" else site_packages()
+
+
 def corpus_documents(source: str | Path) -> list[str]:
-    """Documents of one training source: like `read_documents`, but lenient inside folders."""
+    """Documents of one training source: like `read_documents`, but lenient inside folders; a name of
+    NAMED_SOURCES reads that part of this Python installation."""
+    if str(source) == "prose":
+        return _builtin_prose()
+    if str(source) in NAMED_SOURCES:
+        return [d for root in _named_roots(str(source)) for f in _walk_text_files(root, TEXT_SUFFIXES)
+                for d in _read_lenient(f)]
     path = Path(source).expanduser()
     if not path.is_dir():
         return read_documents(path)
@@ -203,7 +252,7 @@ def dedup(docs: Iterable[str]) -> list[str]:
     seen: set[bytes] = set()
     out: list[str] = []
     for d in docs:
-        h = hashlib.blake2b(_normalise(d).encode(), digest_size=16).digest()
+        h = _doc_key(d)
         if h not in seen:
             seen.add(h)
             out.append(d)
@@ -225,6 +274,15 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
     if not train:
         raise UserError("the corpus is too small to split into train and validation documents")
     return train, val
+
+
+def tokenizer_sample(docs: Sequence[str], max_chars: int) -> list[str]:
+    """Every k-th document, k chosen so the sample holds about `max_chars` characters (all of them when
+    the corpus is smaller): BPE merges learnt from a spread-out sample of a few hundred MB are as good as
+    from everything, and the trainer's time grows with its input."""
+    total = sum(len(d) for d in docs)
+    k = max(1, math.ceil(total / max_chars))
+    return list(docs[::k])
 
 
 def train_tokenizer(docs: Sequence[str], vocab_size: int) -> Any:
@@ -271,19 +329,38 @@ def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def _write_tokens(tokenizer: Any, docs: Sequence[str], path: Path, dtype: np.dtype) -> int:
-    """Tokenise documents (EOS after each) and append them to a flat binary file; return the count."""
+def _write_tokens(tokenizer: Any, docs: Sequence[str], path: Path, dtype: np.dtype,
+                  counted: Callable[[str, int], Any] | None = None) -> int:
+    """Tokenise documents (EOS after each) and append them to a flat binary file; return the count.
+    `counted(doc, n_tokens)` is told each document's token count (the per-source mix)."""
     eos = _eos_id(tokenizer)
     n = 0
     with open(path, "wb") as f:
-        for i in range(0, len(docs), 256):
-            for ids in _encode(tokenizer, docs[i:i + 256]):
-                if eos is not None:
-                    ids = [*ids, eos]
-                arr = np.asarray(ids, dtype=dtype)
-                f.write(arr.tobytes())
-                n += len(arr)
+        for i in range(0, len(docs), 1024):  # one batched (multi-threaded) encode per 1,024 documents
+            chunk = docs[i:i + 1024]
+            parts = []
+            for doc, ids in zip(chunk, _encode(tokenizer, chunk)):
+                arr = np.asarray(ids if eos is None else [*ids, eos], dtype=dtype)
+                parts.append(arr)
+                if counted is not None:
+                    counted(doc, len(arr))
+            if parts:
+                block = np.concatenate(parts)
+                f.write(block.tobytes())
+                n += len(block)
     return n
+
+
+def _doc_key(doc: str) -> bytes:
+    return hashlib.blake2b(_normalise(doc).encode(), digest_size=16).digest()
+
+
+def _count(mix: list[dict], origin: dict, doc: str, key: str, n: int) -> None:
+    mix[origin[id(doc)]][key] += n
+
+
+def _source_name(source: str | Path) -> str:
+    return str(source) if str(source) in NAMED_SOURCES else str(Path(source).expanduser().resolve())
 
 
 @dataclass(frozen=True)
@@ -348,11 +425,15 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
     """
     out = Path(out)
     if sources:
-        docs = [d for s in sources for d in corpus_documents(s)]
-        names = [str(Path(s).expanduser().resolve()) for s in sources]
+        names = [_source_name(s) for s in sources]
+        per_source = [corpus_documents(s) for s in sources]
     else:
-        docs = default_documents()
         names = ["python:pydoc_topics", *map(str, python_sources())]
+        per_source = [_builtin_prose(), default_documents()[len(_builtin_prose()):]]
+        names = [names[0], ", ".join(names[1:])]
+    docs = [d for part in per_source for d in part]
+    # id of each document object -> its source (dedup and the split keep the objects themselves)
+    origin = {id(d): i for i, part in enumerate(per_source) for d in part}
     n_read = len(docs)
     docs = dedup(docs)
     if not docs or sum(len(d) for d in docs) == 0:
@@ -362,15 +443,24 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     log(f"corpus: {n_read} documents, {n_read - len(docs)} duplicates dropped, "
         f"{len(train_docs)} train / {len(val_docs)} val, {chars / 1e6:.1f}M characters")
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(train_docs, vocab_size)
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(
+        tokenizer_sample(train_docs, TOKENIZER_CHARS), vocab_size)
     n_vocab = len(tok)
     dtype = np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
     try:
         tok.save_pretrained(stage)
-        n_train = _write_tokens(tok, train_docs, stage / "train.bin", dtype)
-        n_val = _write_tokens(tok, val_docs, stage / "val.bin", dtype)
+        mix = [{"source": n, "documents": 0, "characters": 0, "train_tokens": 0, "val_tokens": 0}
+               for n in names]
+        for d in docs:
+            m = mix[origin[id(d)]]
+            m["documents"] += 1
+            m["characters"] += len(d)
+        n_train = _write_tokens(tok, train_docs, stage / "train.bin", dtype,
+                                lambda d, n: _count(mix, origin, d, "train_tokens", n))
+        n_val = _write_tokens(tok, val_docs, stage / "val.bin", dtype,
+                              lambda d, n: _count(mix, origin, d, "val_tokens", n))
         with open(stage / "val.jsonl", "w", encoding="utf-8") as f:
             for d in val_docs:
                 f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
@@ -378,7 +468,7 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
                 "documents": len(docs), "train_documents": len(train_docs), "val_documents": len(val_docs),
                 "train_tokens": n_train, "val_tokens": n_val, "vocab_size": n_vocab, "dtype": dtype.name,
                 "eos_token_id": _eos_id(tok), "tokenizer": str(tokenizer) if tokenizer else "bpe-trained",
-                "val_fraction": val_fraction, "seed": seed}
+                "val_fraction": val_fraction, "seed": seed, "sources_mix": mix}
         atomic_write_json(stage / "corpus.json", meta)
         if out.exists():
             shutil.rmtree(out)
@@ -392,8 +482,14 @@ def build_corpus(out: str | Path, sources: Sequence[str | Path] | None = None, *
 def _fingerprint(sources: Sequence[str | Path] | None, settings: dict) -> str:
     """A key that changes when the source files or the corpus settings change."""
     h = hashlib.sha256(json.dumps({"v": CORPUS_VERSION, **settings}, sort_keys=True).encode())
-    roots = [Path(s).expanduser().resolve() for s in sources] if sources else python_sources()
+    roots = python_sources()
     h.update(b"default" if not sources else b"user")
+    if sources:
+        named = [str(s) for s in sources if str(s) in NAMED_SOURCES]
+        roots = [Path(s).expanduser().resolve() for s in sources if str(s) not in NAMED_SOURCES]
+        for name in named:  # prose changes with the Python version; the others by their files
+            h.update(f"{name}\0{sys.version}\n".encode())
+            roots += [] if name == "prose" else _named_roots(name)
     for root in roots:
         files = _walk_text_files(root) if root.is_dir() else [root]
         for f in files:
@@ -413,7 +509,7 @@ def get_corpus(sources: Sequence[str | Path] | None = None, *, vocab_size: int =
     if sources and len(sources) == 1 and is_corpus(sources[0]):
         return open_corpus(sources[0])
     for s in sources or []:
-        if not Path(s).expanduser().exists():
+        if str(s) not in NAMED_SOURCES and not Path(s).expanduser().exists():
             raise UserError(f"no such file or folder: {s}")
     settings = {"vocab": vocab_size, "tok": str(tokenizer), "val": val_fraction, "seed": seed}
     path = cache_dir() / "corpora" / _fingerprint(sources, settings)

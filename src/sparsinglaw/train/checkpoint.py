@@ -4,6 +4,7 @@ Layout of a run folder:
 
     runs/NAME/config.json                 run settings (model, batch geometry, corpus path)
     runs/NAME/log.jsonl                   one record per logged step / checkpoint
+    runs/NAME/paused_state.pt             trainer state of a run stopped for time between checkpoints
     runs/NAME/checkpoints/step-000123/    a plain Hugging Face LlamaForCausalLM folder:
         config.json, generation_config.json, model.safetensors, tokenizer files,
         sparsinglaw.json                  step, tokens, losses, activation, preset
@@ -31,6 +32,7 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 META_FILE = "sparsinglaw.json"
 DONE_FILE = "DONE"
+PAUSE_FILE = "paused_state.pt"
 
 
 @dataclass(frozen=True)
@@ -77,19 +79,48 @@ def list_checkpoints(run_dir: str | Path, log: Callable[[str], Any] | None = Non
 
 def load_resume_state(run_dir: str | Path, device: torch.device | str = "cpu",
                       log: Callable[[str], Any] = print) -> tuple[Checkpoint, dict] | None:
-    """The newest checkpoint whose trainer state loads, with that state; corrupt ones are skipped with a
-    message. None when there is nothing to resume from."""
+    """The newest trainer state that loads, with its checkpoint; corrupt ones are skipped with a message.
+    A paused state (RUN/paused_state.pt) newer than every checkpoint's state wins; its `Checkpoint` has
+    the file as `path` and empty `meta`. None when there is nothing to resume from."""
+    found = None
     for ck in reversed(list_checkpoints(run_dir, log)):
         if not ck.has_state:
             continue
-        try:
-            state = torch.load(ck.path / STATE_FILE, map_location=device, weights_only=True)
-            if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
-                raise ValueError("missing model or optimizer state")
-            return ck, state
-        except Exception as e:  # noqa: BLE001 - any unreadable state means: try the previous one
-            log(f"skipping checkpoint {ck.path.name}: unreadable {STATE_FILE} ({str(e).splitlines()[0]})")
-    return None
+        state = _load_state(ck.path / STATE_FILE, device, log)
+        if state is not None:
+            found = ck, state
+            break
+    pause = Path(run_dir) / PAUSE_FILE
+    if pause.is_file():
+        state = _load_state(pause, device, log)
+        if state is not None and (found is None or int(state["step"]) > found[0].step):
+            return Checkpoint(pause, int(state["step"]), int(state.get("tokens", 0)), {}), state
+    return found
+
+
+def _load_state(path: Path, device: torch.device | str, log: Callable[[str], Any]) -> dict | None:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+            raise ValueError("missing model or optimizer state")
+        return state
+    except Exception as e:  # noqa: BLE001 - any unreadable state means: try the previous one
+        log(f"skipping {path.parent.name}/{path.name}: unreadable trainer state ({str(e).splitlines()[0]})")
+        return None
+
+
+def write_pause_state(run_dir: str | Path, state: dict) -> Path:
+    """Save the trainer state of a run stopped between checkpoints, atomically (temp file, rename)."""
+    final = Path(run_dir) / PAUSE_FILE
+    tmp = final.with_name(f".{PAUSE_FILE}.{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def clear_pause_state(run_dir: str | Path) -> None:
+    """Drop the paused state once the run has finished (the final checkpoint supersedes it)."""
+    (Path(run_dir) / PAUSE_FILE).unlink(missing_ok=True)
 
 
 def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], meta: dict,

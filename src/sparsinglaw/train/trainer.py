@@ -30,7 +30,14 @@ from sparsinglaw import models
 from sparsinglaw.data import Corpus, get_corpus, n_sequences
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import append_jsonl, atomic_write_json
-from sparsinglaw.train.checkpoint import clean_temp, load_resume_state, prune_states, write_checkpoint
+from sparsinglaw.train.checkpoint import (
+    clean_temp,
+    clear_pause_state,
+    load_resume_state,
+    prune_states,
+    write_checkpoint,
+    write_pause_state,
+)
 from sparsinglaw.train.export import save_hf
 from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
 from sparsinglaw.train.presets import get_preset
@@ -61,7 +68,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    ckpt_every: int | None = None  # tokens between checkpoints; default tokens / 20
+    ckpt_every: int | None = None  # tokens between checkpoints (linear schedule); default tokens / 20
+    ckpt_schedule: str = "linear"  # linear (every ckpt_every tokens) | log (ckpt_count log-spaced steps)
+    ckpt_count: int = 24  # checkpoints of the log schedule
+    ckpt_first: float = 0.01  # log schedule: the first checkpoint, as a fraction of the run's tokens
     keep_states: int = 2
     eval_tokens: int | None = None  # validation tokens per checkpoint; default min(65536, 8 steps)
     log_every: int = 10
@@ -75,6 +85,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     max_steps: int | None = None  # stop after this many steps, as if interrupted (no final checkpoint)
     progress: bool = True
+    report_to: str | None = None  # "tensorboard": also log the scalars to RUN/tensorboard
 
 
 @dataclass
@@ -86,6 +97,7 @@ class TrainResult:
     val_loss: float | None = None
     checkpoints: list[Path] = field(default_factory=list)
     tokens_per_s: float = 0.0
+    stopped: bool = False  # stopped at the deadline before the last step; a paused state was written
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,6 +207,27 @@ def parse_tokens(text: str | int) -> int:
     return int(value)
 
 
+def checkpoint_steps(total_steps: int, schedule: str = "linear", every_steps: int = 1, count: int = 24,
+                     first: float = 0.01) -> list[int]:
+    """The optimizer steps after which a checkpoint is written; the last step is always one.
+
+    linear: every `every_steps` steps. log: `count` steps log-spaced from `first` x total to total (the
+    laws are about log D, so the early, fast-changing part of the curve gets as many points as the late
+    part); rounding can merge early steps of a short run, so it may give fewer than `count`.
+    """
+    if schedule == "linear":
+        every = max(1, every_steps)
+        return sorted({*range(every, total_steps + 1, every), total_steps})
+    if schedule != "log":
+        raise UserError(f"unknown checkpoint schedule '{schedule}'; use linear or log")
+    if count < 1 or not 0 < first <= 1:
+        raise UserError(f"log checkpoints need a count >= 1 and a first fraction in (0, 1] "
+                        f"(got {count}, {first:g})")
+    start = max(1.0, first * total_steps)
+    steps = np.geomspace(start, total_steps, count) if count > 1 else np.array([total_steps])
+    return sorted({int(round(s)) for s in steps} | {total_steps})
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 
@@ -221,7 +254,7 @@ def _check_resume_config(saved: dict, current: dict) -> None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,  # noqa: C901
-          log: Callable[[str], Any] = print) -> TrainResult:  # (the training loop: reads top to bottom)
+          log: Callable[[str], Any] = print, deadline: float | None = None) -> TrainResult:  # (the training loop)
     """Train a model from scratch (or resume) into `cfg.out`; returns what was done.
 
     `on_checkpoint(ckpt_dir)` runs on rank 0 after each checkpoint is complete on disk (the tracking hook);
@@ -231,6 +264,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
     equal to the checkpoint's): it may read the weights, e.g. to measure without reloading the checkpoint
     from disk, but must not modify them. Plain `on_checkpoint(path)` callables get the path only.
     With torchrun, every process calls `train` with the same config.
+
+    `deadline` (a `time.time()` value): once it has passed, stop at the next step boundary, write a paused
+    trainer state (RUN/paused_state.pt, not a checkpoint: the tracked series stays a function of the
+    config) and return with `stopped=True`; `resume=True` continues from it exactly.
     """
     rank, local_rank, world = _dist_setup()
     master = rank == 0
@@ -276,12 +313,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
     mcfg = model_config(cfg, corpus.vocab_size, corpus.meta.get("eos_token_id"))
     ckpt_every = cfg.ckpt_every or max(tokens_per_step, cfg.tokens // 20)
     ckpt_steps = max(1, round(ckpt_every / tokens_per_step))
+    ckpt_at = set(checkpoint_steps(total_steps, cfg.ckpt_schedule, ckpt_steps, cfg.ckpt_count, cfg.ckpt_first))
     warmup = max(1, round(cfg.warmup * total_steps))
     decay = round(cfg.decay * total_steps)
     run_info = {"model": mcfg.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
                 "grad_accum": grad_accum, "seed": cfg.seed, "corpus": str(corpus.path),
                 "tokens_per_step": tokens_per_step,
-                "total_steps": total_steps, "ckpt_steps": ckpt_steps, "lr": lr, "warmup_steps": warmup,
+                "total_steps": total_steps, "ckpt_steps": ckpt_steps, "ckpt_schedule": cfg.ckpt_schedule,
+                "checkpoint_steps": sorted(ckpt_at), "lr": lr, "warmup_steps": warmup,
                 "decay_steps": decay, "world_size": world, "dtype": dtype, "device": device.type,
                 "non_embedding_params": mcfg.non_embedding_params(), "train": asdict(cfg)}
 
@@ -325,6 +364,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
+    tb = tensorboard_writer(run_dir / "tensorboard") if master and cfg.report_to == "tensorboard" else None
     loss_sum = torch.zeros((), device=device)
     window_steps, window_t, t_run = 0, time.perf_counter(), 0.0
     raw.train()
@@ -348,8 +388,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
         step += 1
         window_steps += 1
 
-        is_ckpt = step % ckpt_steps == 0 or step == total_steps
-        if step % cfg.log_every == 0 or is_ckpt or step == last_steps:
+        is_ckpt = step in ckpt_at
+        stop = deadline is not None and step < last_steps and _past(deadline, world, device)
+        if step % cfg.log_every == 0 or is_ckpt or step == last_steps or stop:
             if world > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
                 loss_sum /= world
@@ -365,6 +406,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
             result.losses.append(loss_val)
             if master:
                 append_jsonl(run_dir / "log.jsonl", rec)
+                _tb_scalars(tb, step, {"train/loss": loss_val, "train/lr": lr_t, "perf/tokens_per_s": tps,
+                                       "perf/mfu": rec["mfu"]})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             loss_sum.zero_()
@@ -376,11 +419,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
             if master:
                 result.checkpoints.append(ck_path)
                 result.val_loss = val
+                _tb_scalars(tb, step, {"val/loss": val})
             if world > 1:
                 dist.barrier()
         if bar is not None:
             bar.update(1)
         window_t = time.perf_counter() if window_steps == 0 else window_t
+        if stop:
+            if master and not is_ckpt:
+                write_pause_state(run_dir, _trainer_state(raw, opt, step, tokens_per_step))
+            if world > 1:
+                dist.barrier()
+            result.stopped = True
+            say(f"stopped for time at step {step} of {total_steps}")
+            break
+    if master and step == total_steps:
+        clear_pause_state(run_dir)
+    if tb is not None:
+        tb.close()
     if bar is not None:
         bar.close()
     if t_run > 0:
@@ -404,8 +460,7 @@ def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: tor
             "preset": cfg.preset, "d_model": raw.cfg.d_model, "n_layers": raw.cfg.n_layers,
             "non_embedding_params": raw.cfg.non_embedding_params(), "corpus": str(corpus.path),
             "time": time.time()}
-    state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "tokens": tokens,
-             "rng": {"torch": torch.get_rng_state()}}
+    state = _trainer_state(raw, opt, step, tokens_per_step)
     save_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                   "bf16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
     path = write_checkpoint(run_dir, step, lambda d: save_hf(raw, d, tokenizer, save_dtype), meta, state)
@@ -421,6 +476,39 @@ def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: tor
                                         "checkpoint": str(path), "checkpoint_s": t1 - t0, "hook_s": t2 - t1,
                                         "time": time.time()})
     return path, val
+
+
+def _trainer_state(raw: MuPTransformer, opt: torch.optim.Optimizer, step: int, tokens_per_step: int) -> dict:
+    """What resuming needs: weights, optimizer, step and the torch RNG (data order is a function of step)."""
+    return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "tokens": step * tokens_per_step, "rng": {"torch": torch.get_rng_state()}}
+
+
+def tensorboard_writer(log_dir: Path | None) -> Any:
+    """A TensorBoard SummaryWriter for `log_dir` (None: only check that tensorboard is installed)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: "
+                        "pip install 'sparsinglaw[tensorboard]'") from None
+    return SummaryWriter(str(log_dir)) if log_dir is not None else None
+
+
+def _tb_scalars(tb: Any, step: int, values: dict) -> None:
+    if tb is not None:
+        for key, value in values.items():
+            if value is not None:
+                tb.add_scalar(key, value, step)
+
+
+def _past(deadline: float, world: int, device: torch.device) -> bool:
+    """Whether the deadline has passed, agreed by all processes (rank 0's clock decides)."""
+    flag = time.time() >= deadline
+    if world > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.broadcast(t, src=0)
+        flag = bool(t.item())
+    return flag
 
 
 def hook_takes_model(hook: Callable[..., Any]) -> bool:
