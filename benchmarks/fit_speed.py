@@ -1,31 +1,26 @@
 """How long does fitting a 40-point activation-ratio curve with 1,000 bootstrap resamples take?
 
-Target (issue 3): under 10 s on the 2-core development machine. Times three parts separately, so a
+Target: under 10 s on a 2-core machine. Times three parts separately, so a
 regression shows where it is: the multi-start fit of one form, the batched bootstrap of that form, and the
 full `fit_series` (all four forms, 1,000 resamples for the chosen law and 250 for each other form, forecasts
-and bands). Writes benchmarks/results/fit_speed.json.
+and bands). Writes benchmarks/results/fit_speed_cpu.json.
 
     python benchmarks/fit_speed.py
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
-import platform
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
-import scipy
+import record
 
 from sparsinglaw import laws
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
-RUNS = {  # published coefficients (SPEC section 3): form, alpha, b, c, A0, non-embedding params
+RUNS = {  # the paper's published coefficients (its Table of fitted laws): form, alpha, b, c, A0, non-embedding params
     "relu-0.1B": ("relu", 0.101, -0.0151, 3.20, 0.0614, 108.5e6),
     "relu-0.8B": ("relu", 1.01, -3.49, 0.00797, 0.0721, 759.7e6),
     "silu-0.4B": ("silu", 1.03, None, 0.420, 0.385, 452.2e6),
@@ -73,22 +68,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['series']:10s} {r['form']:5s} {r['fit_s']:8.3f} {r['bootstrap_s']:14.3f} "
               f"{r['fit_series_s']:15.3f} {r['A0']:8.4f}")
-    result = {
-        "benchmark": "fit_speed",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": {"platform": platform.platform(), "machine": platform.machine(),
-                     "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                     "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                     "load_average_1min": round(os.getloadavg()[0], 2)},
-        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "scipy": scipy.__version__},
-        "method": f"best of {REPEATS} wall-clock runs; 40 evenly spaced checkpoints, noise 5e-4",
-        "target": "fit_series with 1000 resamples < 10 s",
-        "rows": rows,
-    }
-    out = Path(__file__).parent / "results" / "fit_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    record.write("fit_speed", rows, "cpu", method=f"best of {REPEATS} wall-clock runs; 40 evenly spaced "
+                 "checkpoints, noise 5e-4", target="fit_series with 1000 resamples < 10 s",
+                 load_average_1min=round(os.getloadavg()[0], 2))
 
 
 if __name__ == "__main__":

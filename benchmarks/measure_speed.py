@@ -5,28 +5,27 @@ and (with --memory) the fast search's peak GPU memory at several evaluation-toke
 
   # a trained checkpoint (answer check) on the GPU, 64K tokens:
   python benchmarks/measure_speed.py --model runs/x/checkpoints/step-000500 --data DIR --tokens 65536 \
-      --seq-len 2048 --batch-size 8 --device cuda --runs fast,ref1e-6,ref1e-3
+      --seq-len 2048 --batch-size 8 --device cuda --runs fast,ref1e-6,ref1e-3 --variant 0.1b_trained
   # the paper's 1.2B configuration with random weights: timing and memory at 64K and 1M tokens
   python benchmarks/measure_speed.py --config 1.2b --random-tokens --runs fast,ref1e-3 --memory 65536,1048576
   # this CPU: SmolLM2-135M, 8K tokens
   python benchmarks/measure_speed.py --model smollm2-135m --tokens 8192 --device cpu --runs fast
 
-Writes benchmarks/results/measure_speed_<tag>.json (date, hardware, versions, rows) and prints a table.
+Writes benchmarks/results/measure_speed_<card>_<variant>.json (benchmarks/record.py) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import record
 import torch
 
+from sparsinglaw.backend import Backend, using
 from sparsinglaw.search import fast_search, reference_search
 from sparsinglaw.sparse import Model
 
@@ -34,7 +33,7 @@ PAPER_VOCAB = 122_753
 
 
 def build_random(config: str, device: torch.device, dtype: torch.dtype):
-    """The paper's shape (SPEC section 5) as a Llama model with random weights (times passes only)."""
+    """The paper's shape (its 0.1B-2.4B presets) as a Llama model with random weights (times passes only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsinglaw.train.presets import get_preset
@@ -142,13 +141,19 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=None, help="fast search's dense-intermediate budget")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--tag", default=None, help="result file suffix (default: device and model)")
+    ap.add_argument("--variant", default=None, help="result file suffix after the card (default: the model)")
+    ap.add_argument("--backend", default="", help="performance switches, as `sparsinglaw measure --backend`")
     ap.add_argument("--out", default=None, help="also copy the JSON here (a folder)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
                     help="attention through PyTorch's flash kernel instead of cuDNN's: the same model with "
                          "different rounding, to see how far the answer moves on rounding alone")
     args = ap.parse_args()
+    with using(Backend.parse(args.backend)):
+        run(args)
+
+
+def run(args) -> None:
     if args.no_cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
@@ -187,16 +192,6 @@ def main() -> None:
         r["speedup_of_fast"] = r["wall_s"] / fast["wall_s"] if fast else None
         r["activation_ratio_minus_fast"] = r["activation_ratio"] - fast["activation_ratio"] if fast else None
     agreement = spread(rows)
-    hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    import transformers
-
-    result = {"benchmark": "measure_speed", "date": dt.datetime.now(dt.timezone.utc).isoformat(), "model": label,
-              "device": str(device), "dtype": str(dtype), "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "p": args.p, "calib_tokens": args.calib_tokens, "cudnn_sdpa": not args.no_cudnn_sdpa, "hardware": hw,
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__},
-              "rows": rows, "memory": memory, "agreement": agreement}
     print(f"\n{label} on {device} ({dtype}), p = {args.p}%")
     print(f"{'slice':<6}{'run':<9}{'tokens':>9}{'wall s':>9}{'passes':>8}{'evals':>6}{'tau':>11}{'act.ratio':>10}"
           f"{'- fast':>8}{'PPL ratio':>10}{'peak GiB':>9}{'fast x':>8}")
@@ -210,14 +205,10 @@ def main() -> None:
     for a in agreement:
         print(f"slice {a['slice']}: activation ratio fast - ref1e-6 {a['fast_minus_ref']:+.4f}; the reference's own "
               f"spread, ref1e-3 - ref1e-6, {a['ref1e-3_minus_ref']:+.4f}")
-    tag = args.tag or f"{device.type}_{(args.config or Path(label).name).replace('/', '_')}"
-    path = Path(__file__).resolve().parent / "results" / f"measure_speed_{tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / path.name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    variant = args.variant or (args.config or Path(label).name).replace("/", "_")
+    record.write("measure_speed", rows, device, variant, args.out, model=label, dtype=str(dtype),
+                 seq_len=args.seq_len, batch_size=args.batch_size, p=args.p, calib_tokens=args.calib_tokens,
+                 cudnn_sdpa=not args.no_cudnn_sdpa, memory=memory, agreement=agreement)
 
 
 if __name__ == "__main__":

@@ -16,39 +16,35 @@ run_tokens/20. The tau evaluations of each call are reported: they set the cost,
 steps apart need fewer than a real run's (its online.jsonl has `evaluations` too). On a GPU without
 --preset it runs two configurations: the 0.1b preset as above (a 2B-token run) and a run like the ReLU/SiLU
 study's (5m preset, seq 1024 x batch 32, vocab 16,384, a 100M-token run). Writes
-benchmarks/results/train_speed_tracker_<device>.json.
+benchmarks/results/train_speed_<card>_tracker.json.
 
 MFU counts every matmul: 6·N_non-embedding + 6·L·d·S (attention) + 6·d·V (LM head) FLOPs per token,
 against 989 TFLOP/s (H100/H200 dense bf16). No dataset and no network: tokens are random unless --data
 names a corpus (a built corpus folder or text files; the tokenizer then comes from it). The training
 step is the trainer's own: same model, µP AdamW groups (fused on CUDA), bf16 autocast, torch.compile,
-gradient clipping. Writes benchmarks/results/train_speed_<device>.json.
+gradient clipping. Writes benchmarks/results/train_speed_<card>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import importlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from sparsinglaw.train.checkpoint import write_checkpoint
 from sparsinglaw.train.export import save_hf
 from sparsinglaw.train.model import ModelConfig, MuPTransformer, padded_vocab
 from sparsinglaw.train.presets import get_preset
-from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, hook_takes_model, make_optimizer, resolve_dtype
-
-RESULTS = Path(__file__).parent / "results"
+from sparsinglaw.train.trainer import PEAK_FLOPS, autocast_ctx, autocast_mode, hook_takes_model, make_optimizer
 
 
 def load_hook(spec: str | None):
@@ -58,35 +54,6 @@ def load_hook(spec: str | None):
         return None
     mod, _, fn = spec.partition(":")
     return getattr(importlib.import_module(mod), fn)
-
-
-def hardware(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())
-    return info
-
-
-def versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
 
 
 def tiny_corpus(folder: Path, vocab_size: int = 4096):
@@ -105,16 +72,12 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
     """Throughput of one configuration, then the cost of a checkpoint and of the hook / online tracker."""
     gpu = device.type == "cuda"
     preset = get_preset(preset_name)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = autocast_mode(args.dtype, device)
     steps = args.steps or (30 if gpu else 10)
     warm = args.warmup_steps if args.warmup_steps is not None else (8 if gpu else 2)
     use_compile = gpu if args.compile is None else args.compile
-    tokenizer = corpus.tokenizer() if corpus is not None else None
-    corpus_tokens = None
     if corpus is not None:
         vocab = max(vocab, corpus.vocab_size)
-        corpus_tokens = torch.from_numpy(corpus.tokens("train")[: 64 * batch * (seq_len + 1)].astype("int64"))
-
     cfg = ModelConfig(vocab_size=padded_vocab(vocab) if args.pad_vocab else vocab, d_model=preset.d_model,
                       n_layers=preset.n_layers, head_dim=preset.head_dim,
                       act=args.act, max_seq_len=seq_len)
@@ -122,106 +85,35 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
     raw = MuPTransformer(cfg).to(device)
     opt = make_optimizer(raw, preset.lr, 0.1, (0.9, 0.95), device)
     model = torch.compile(raw) if use_compile else raw
-
-    def batch_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if corpus_tokens is not None:
-            n = corpus_tokens.numel() // (seq_len + 1)
-            rows = [(i * batch + r) % n for r in range(batch)]
-            xy = torch.stack([corpus_tokens[r * (seq_len + 1):(r + 1) * (seq_len + 1)] for r in rows])
-        else:
-            xy = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(i))
-        xy = xy.to(device, non_blocking=True)
-        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-
-    def step(i: int) -> torch.Tensor:
-        x, y = batch_at(i)
-        with autocast_ctx(device, dtype):
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def sync() -> None:
-        if gpu:
-            torch.cuda.synchronize()
+    trainer = Steps(raw, model, opt, device, dtype, batch, seq_len, vocab, corpus)
 
     print(f"{preset_name}: d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads}x{cfg.head_dim} d_ff={cfg.d_ff} "
           f"V={vocab} | {batch}x{seq_len} tokens/step, {dtype}, compile={use_compile}, {device}", flush=True)
     t0 = time.perf_counter()
     for i in range(warm):
-        step(i)
-    sync()
+        trainer.step(i)
+    trainer.sync()
     warm_s = time.perf_counter() - t0
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    loss = None
     for i in range(warm, warm + steps):
         t = time.perf_counter()
-        loss = step(i)
-        sync()
+        trainer.step(i)
+        trainer.sync()
         times.append(time.perf_counter() - t)
     total = sum(times)
-    tokens_per_step = batch * seq_len
-    tps = steps * tokens_per_step / total
-    fpt = cfg.flops_per_token(seq_len) - 6 * cfg.d_model * (cfg.vocab_size - vocab)  # the issue's count: real V
+    tps = steps * batch * seq_len / total
+    fpt = cfg.flops_per_token(seq_len) - 6 * cfg.d_model * (cfg.vocab_size - vocab)  # FLOPs with the real V
     peak = (args.peak_tflops * 1e12) if args.peak_tflops else (PEAK_FLOPS.get(device.type) if dtype == "bf16"
                                                                 else None)
     mfu = fpt * tps / peak if peak else None
     ckpt_every = run_tokens / 20
     train_s_per_ckpt = ckpt_every / tps
-
-    # Checkpoints: the trainer's own atomic write (HF export + trainer state) into a run folder whose
-    # config.json names the corpus (what the tracker reads), then the hook / trackers, as in `train`.
-    n_ckpt = max(2, args.checkpoints) if online else 2
-    between = 5 if gpu else 2  # training steps between two checkpoints, so each has new weights
-    trackers = {}
-    if online:
-        from sparsinglaw.track import OnlineTracker
-
-        quiet = dict(device=str(device), dtype=args.dtype, log=lambda _m: None)
-        trackers = {"memory": OnlineTracker(**quiet), "disk": OnlineTracker(**quiet)}
-    export_times, hook_times, calls = [], [], {k: [] for k in trackers}
-    i = warm + steps
-    with tempfile.TemporaryDirectory() as tmp:
-        if corpus is not None:
-            (Path(tmp) / "config.json").write_text(json.dumps(
-                {"corpus": str(corpus.path), "seq_len": seq_len, "batch_size": batch, "model": cfg.to_dict()}))
-        for n in range(1, n_ckpt + 1):
-            if n > 1:
-                for _ in range(between):
-                    loss = step(i)
-                    i += 1
-            sync()
-            t = time.perf_counter()
-            state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": i,
-                     "tokens": i * tokens_per_step, "rng": {"torch": torch.get_rng_state()}}
-            ck = write_checkpoint(tmp, i, lambda d: save_hf(raw, d, tokenizer),
-                                  {"step": i, "tokens": i * tokens_per_step, "act": cfg.act}, state)
-            export_times.append(time.perf_counter() - t)  # the first write pays one-off imports
-            if hook is not None:
-                sync()
-                t = time.perf_counter()
-                hook(ck, model=raw) if hook_takes_model(hook) else hook(ck)
-                sync()
-                hook_times.append(time.perf_counter() - t)
-            for name, tr in trackers.items():
-                sync()
-                t = time.perf_counter()
-                rec = tr(ck, model=raw) if name == "memory" else tr(ck)
-                sync()
-                if "error" in rec:
-                    raise SystemExit(f"online tracker ({name}) failed: {rec['error']}")
-                calls[name].append({"seconds": time.perf_counter() - t, "evaluations": rec["evaluations"],
-                                    "tau": rec["tau"], "activation_ratio": rec["activation_ratio"],
-                                    "ppl_ratio": rec["ppl_ratio"], "measured_tokens": rec["measured_tokens"]})
-        ckpt_mb = sum(f.stat().st_size for f in ck.iterdir()) / 1e6
-    export_s = statistics.median(export_times[1:])
-    hook_s = statistics.median(hook_times[1:]) if hook_times else 0.0
-    overhead = (export_s + hook_s) / train_s_per_ckpt
-
+    ckpt = time_checkpoints(args, trainer, cfg, warm + steps, hook, online)
+    ckpt.update(run_tokens=run_tokens, ckpt_every_tokens=ckpt_every, train_s_per_ckpt=train_s_per_ckpt,
+                overhead_fraction=(ckpt["export_s"] + ckpt["hook_s"]) / train_s_per_ckpt)
+    tracker = ckpt.pop("online_tracker", None)
     result = {
         "config": {"preset": preset_name, "act": cfg.act, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                    "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab_size": vocab,
@@ -232,45 +124,142 @@ def bench(args, device: torch.device, preset_name: str, seq_len: int, batch: int
         "non_embedding_params": cfg.non_embedding_params(), "flops_per_token": fpt,
         "tokens_per_s": tps, "step_ms": 1000 * total / steps, "step_ms_min": 1000 * min(times),
         "achieved_tflops": fpt * tps / 1e12, "peak_tflops": peak / 1e12 if peak else None, "mfu": mfu,
-        "warmup_s": warm_s, "final_loss": float(loss) if loss is not None else None,
+        "warmup_s": warm_s, "final_loss": trainer.last_loss,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
-        "checkpoint": {"export_s": export_s, "size_mb": ckpt_mb, "hook": args.hook, "hook_s": hook_s,
-                       "run_tokens": run_tokens, "ckpt_every_tokens": ckpt_every,
-                       "train_s_per_ckpt": train_s_per_ckpt, "overhead_fraction": overhead},
+        "checkpoint": ckpt,
     }
-    rows = [("tokens/s", f"{tps:,.0f}"), ("step (ms)", f"{1000 * total / steps:.1f}"),
+    if tracker is not None:
+        for t in tracker.values():
+            if "calls" in t:
+                t["overhead_fraction"] = t["s_per_checkpoint"] / train_s_per_ckpt
+        result["online_tracker"] = tracker
+    print_result(result, hook is not None, online)
+    return result
+
+
+class Steps:
+    """The trainer's own training step on random tokens or a corpus' train split."""
+
+    def __init__(self, raw, model, opt, device, dtype, batch, seq_len, vocab, corpus):
+        self.raw, self.model, self.opt, self.device, self.dtype = raw, model, opt, device, dtype
+        self.batch, self.seq_len, self.vocab, self.corpus = batch, seq_len, vocab, corpus
+        self.tokens = None if corpus is None else torch.from_numpy(
+            corpus.tokens("train")[: 64 * batch * (seq_len + 1)].astype("int64"))
+        self.last_loss: float | None = None
+
+    def batch_at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s = self.batch, self.seq_len
+        if self.tokens is not None:
+            n = self.tokens.numel() // (s + 1)
+            xy = torch.stack([self.tokens[r * (s + 1):(r + 1) * (s + 1)] for r in ((i * b + k) % n for k in range(b))])
+        else:
+            xy = torch.randint(0, self.vocab, (b, s + 1), generator=torch.Generator().manual_seed(i))
+        xy = xy.to(self.device, non_blocking=True)
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+    def step(self, i: int) -> None:
+        x, y = self.batch_at(i)
+        with autocast_ctx(self.device, self.dtype):
+            loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if isinstance(self.last_loss, torch.Tensor):
+            self.last_loss = float(self.last_loss)
+
+
+def time_checkpoints(args, trainer: Steps, cfg: ModelConfig, i: int, hook, online: bool) -> dict:
+    """Checkpoints: the trainer's own atomic write (HF export + trainer state) into a run folder whose
+    config.json names the corpus (what the tracker reads), then the hook / trackers, as in `train`."""
+    gpu = trainer.device.type == "cuda"
+    n_ckpt = max(2, args.checkpoints) if online else 2
+    between = 5 if gpu else 2  # training steps between two checkpoints, so each has new weights
+    trackers = {}
+    if online:
+        from sparsinglaw.track import OnlineTracker
+
+        quiet = dict(device=str(trainer.device), dtype=args.dtype, log=lambda _m: None)
+        trackers = {"memory": OnlineTracker(**quiet), "disk": OnlineTracker(**quiet)}
+    export_times, hook_times, calls = [], [], {k: [] for k in trackers}
+    tokens_per_step = trainer.batch * trainer.seq_len
+    tokenizer = trainer.corpus.tokenizer() if trainer.corpus is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        if trainer.corpus is not None:
+            (Path(tmp) / "config.json").write_text(json.dumps(
+                {"corpus": str(trainer.corpus.path), "seq_len": trainer.seq_len, "batch_size": trainer.batch,
+                 "model": cfg.to_dict()}))
+        for n in range(1, n_ckpt + 1):
+            for _ in range(between if n > 1 else 0):
+                trainer.step(i)
+                i += 1
+            trainer.sync()
+            t = time.perf_counter()
+            state = {"model": trainer.raw.state_dict(), "optimizer": trainer.opt.state_dict(), "step": i,
+                     "tokens": i * tokens_per_step, "rng": {"torch": torch.get_rng_state()}}
+            ck = write_checkpoint(tmp, i, lambda d: save_hf(trainer.raw, d, tokenizer),
+                                  {"step": i, "tokens": i * tokens_per_step, "act": cfg.act}, state)
+            export_times.append(time.perf_counter() - t)  # the first write pays one-off imports
+            if hook is not None:
+                hook_times.append(timed(trainer, hook, ck, **({"model": trainer.raw} if hook_takes_model(hook)
+                                                              else {}))[0])
+            for name, tr in trackers.items():
+                seconds, rec = timed(trainer, tr, ck, **({"model": trainer.raw} if name == "memory" else {}))
+                if "error" in rec:
+                    raise SystemExit(f"online tracker ({name}) failed: {rec['error']}")
+                calls[name].append({"seconds": seconds, **{k: rec[k] for k in (
+                    "evaluations", "tau", "activation_ratio", "ppl_ratio", "measured_tokens")}})
+        ckpt_mb = sum(f.stat().st_size for f in ck.iterdir()) / 1e6
+    out = {"export_s": statistics.median(export_times[1:]), "size_mb": ckpt_mb, "hook": args.hook,
+           "hook_s": statistics.median(hook_times[1:]) if hook_times else 0.0}
+    if online:
+        tr = {name: {"first_s": cs[0]["seconds"], "s_per_checkpoint": statistics.mean(c["seconds"] for c in cs[1:]),
+                     "calls": cs} for name, cs in calls.items()}  # expected cost: the mean, not the median
+        m = trackers["memory"]
+        tr["settings"] = {"p": m.p, "tokens": m.tokens, "ftol": m.ftol, "checkpoints": n_ckpt,
+                          "steps_between_checkpoints": between}
+        out["online_tracker"] = tr
+    return out
+
+
+def timed(trainer: Steps, fn, *args, **kwargs):
+    """(seconds, result) of fn(*args, **kwargs), the device synchronised on both sides."""
+    trainer.sync()
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    trainer.sync()
+    return time.perf_counter() - t, out
+
+
+def print_result(result: dict, hooked: bool, online: bool) -> None:
+    ck, fpt, tps, mfu = result["checkpoint"], result["flops_per_token"], result["tokens_per_s"], result["mfu"]
+    every = f"{ck['ckpt_every_tokens']:,.0f} tok"
+    rows = [("tokens/s", f"{tps:,.0f}"), ("step (ms)", f"{result['step_ms']:.1f}"),
             ("achieved TFLOP/s", f"{fpt * tps / 1e12:.3f}"),
             ("MFU", f"{100 * mfu:.1f}%" if mfu is not None else "n/a (no peak for this device/dtype)"),
-            ("FLOPs/token", f"{fpt / 1e9:.3f} G"), ("non-emb params", f"{cfg.non_embedding_params() / 1e6:.1f}M"),
-            ("warm-up + compile (s)", f"{warm_s:.1f}"),
-            ("checkpoint export (s)", f"{export_s:.2f} ({ckpt_mb:.0f} MB)"),
-            (f"training s per ckpt ({ckpt_every:,.0f} tok)", f"{train_s_per_ckpt:.2f}")]
-    if hook is not None or not online:
-        rows += [("on_checkpoint hook (s)", f"{hook_s:.2f}" + ("" if hook else " (no hook given)")),
-                 (f"overhead at 1 ckpt / {ckpt_every:,.0f} tok", f"{100 * overhead:.2f}% of training time")]
-    if online:
-        tr = {}
-        for name, cs in calls.items():
-            steady = statistics.mean(c["seconds"] for c in cs[1:])  # expected cost: mean, not median
-            tr[name] = {"first_s": cs[0]["seconds"], "s_per_checkpoint": steady,
-                        "overhead_fraction": steady / train_s_per_ckpt, "calls": cs}
-        tr["settings"] = {"p": trackers["memory"].p, "tokens": trackers["memory"].tokens,
-                          "ftol": trackers["memory"].ftol, "checkpoints": n_ckpt,
-                          "steps_between_checkpoints": between}
-        result["online_tracker"] = tr
-        for name in ("memory", "disk"):
-            t = tr[name]
-            rows += [(f"online tracker, {name} (s/ckpt)",
-                      f"{t['s_per_checkpoint']:.3f} (first call {t['first_s']:.2f}; evaluations "
-                      f"{[c['evaluations'] for c in t['calls']]})"),
-                     (f"  overhead at 1 ckpt / {ckpt_every:,.0f} tok", f"{100 * t['overhead_fraction']:.2f}% "
-                      "of training time")]
+            ("FLOPs/token", f"{fpt / 1e9:.3f} G"), ("non-emb params", f"{result['non_embedding_params'] / 1e6:.1f}M"),
+            ("warm-up + compile (s)", f"{result['warmup_s']:.1f}"),
+            ("checkpoint export (s)", f"{ck['export_s']:.2f} ({ck['size_mb']:.0f} MB)"),
+            (f"training s per ckpt ({every})", f"{ck['train_s_per_ckpt']:.2f}")]
+    if hooked or not online:
+        rows += [("on_checkpoint hook (s)", f"{ck['hook_s']:.2f}" + ("" if hooked else " (no hook given)")),
+                 (f"overhead at 1 ckpt / {every}", f"{100 * ck['overhead_fraction']:.2f}% of training time")]
+    for name in ("memory", "disk") if online else ():
+        t = result["online_tracker"][name]
+        rows += [(f"online tracker, {name} (s/ckpt)",
+                  f"{t['s_per_checkpoint']:.3f} (first call {t['first_s']:.2f}; evaluations "
+                  f"{[c['evaluations'] for c in t['calls']]})"),
+                 (f"  overhead at 1 ckpt / {every}", f"{100 * t['overhead_fraction']:.2f}% of training time")]
     if result["peak_memory_gib"] is not None:
         rows.append(("peak GPU memory (GiB)", f"{result['peak_memory_gib']:.1f}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    return result
 
 
 def main() -> None:
@@ -299,8 +288,8 @@ def main() -> None:
                     help="run length for the checkpoint-overhead estimate (default 2e9 cuda / 2e6 cpu); "
                          "the trainer's default checkpoint interval is run_tokens/20")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default 989 on cuda)")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/train_speed_<dev>.json, "
-                                                "train_speed_tracker_<dev>.json with --online-tracker)")
+    ap.add_argument("--out", default=None, help="also copy the result JSON into this folder (it is written to "
+                                                "benchmarks/results/train_speed_<card>[_tracker].json)")
     args = ap.parse_args()
     if args.online_tracker and args.hook:
         ap.error("--online-tracker times the tracker itself; leave out --hook")
@@ -344,18 +333,8 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
 
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "hardware": hardware(device), "versions": versions()}
-    if args.online_tracker:
-        out = Path(args.out) if args.out else RESULTS / f"train_speed_tracker_{device.type}.json"
-        payload = {**info, "command": " ".join(["python", "benchmarks/train_speed.py", *sys.argv[1:]]),
-                   "runs": results}
-    else:
-        out = Path(args.out) if args.out else RESULTS / f"train_speed_{device.type}.json"
-        payload = {**info, **results[0]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    record.write("train_speed", results, device, "tracker" if args.online_tracker else None, args.out,
+                 command=" ".join(["python", "benchmarks/train_speed.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

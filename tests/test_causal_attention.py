@@ -1,4 +1,4 @@
-"""sparse.causal_attention: passes attend through SDPA's is_causal without a mask being built, and give
+"""patches.causal_attention: passes attend through SDPA's is_causal without a mask being built, and give
 exactly what transformers' own SDPA path gives (which, unpadded and uncached, builds no mask either).
 
 On a GPU this is what makes a CUDA-graphed pass equal an eager one (tests/test_graphs.py); here, on CPU,
@@ -7,7 +7,7 @@ it must change nothing at all.
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +15,10 @@ from tiny import buildable, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from sparsinglaw import sparse
-from sparsinglaw.sparse import CAUSAL_FAMILIES, Model, Rule, causal_attention, run_pass
+from sparsinglaw import patches
+from sparsinglaw.backend import current, using
+from sparsinglaw.patches import CAUSAL_FAMILIES, causal_attention
+from sparsinglaw.sparse import Model, Rule, run_pass
 
 
 def passes(model: torch.nn.Module, seq: int = 16) -> list:
@@ -26,6 +28,10 @@ def passes(model: torch.nn.Module, seq: int = 16) -> list:
     return [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th), detail=True)]
 
 
+KNOWN = pytest.mark.skipif(not patches.supported(), reason="a transformers version the patches do not know")
+
+
+@KNOWN
 @pytest.mark.parametrize("family", [f for f in CAUSAL_FAMILIES if f in buildable()])
 def test_passes_equal_transformers_own_sdpa_and_build_no_mask(family, monkeypatch):
     model = tiny_model(family)
@@ -33,8 +39,7 @@ def test_passes_equal_transformers_own_sdpa_and_build_no_mask(family, monkeypatc
     with causal_attention(model, 16) as applied:
         assert applied
     assert model.config._attn_implementation == "sdpa"  # restored
-    with monkeypatch.context() as mp:  # transformers' own path: the patch off
-        mp.setattr(sparse, "causal_attention", lambda model, seq: contextlib.nullcontext(False))
+    with using(replace(current(), causal_sdpa=False)):  # transformers' own path: the patch off
         want = passes(model)
 
     def no_mask(*args, **kwargs):
@@ -49,6 +54,7 @@ def test_passes_equal_transformers_own_sdpa_and_build_no_mask(family, monkeypatc
     assert torch.equal(got[1].token_ratio, want[1].token_ratio)
 
 
+@KNOWN
 def test_left_alone_where_a_mask_is_more_than_causal():
     mistral = tiny_model("mistral") if "mistral" in buildable() else None
     if mistral is not None:
@@ -63,3 +69,19 @@ def test_left_alone_where_a_mask_is_more_than_causal():
     cfg._attn_implementation = "eager"
     with causal_attention(AutoModelForCausalLM.from_config(cfg), 16) as applied:  # the user chose eager
         assert not applied
+
+
+def test_every_patch_steps_aside_on_a_transformers_version_it_does_not_know(monkeypatch):
+    from sparsinglaw import patches
+
+    assert patches.supported("5.17.0") and patches.supported("5.25.0.dev0")
+    assert not patches.supported("5.9.0") and not patches.supported("6.0.0") and not patches.supported("x")
+    model = tiny_model("llama")
+    want = passes(model)
+    monkeypatch.setattr(patches, "supported", lambda version=None: False)
+    with causal_attention(model, 16) as applied, patches.fused_rope(model) as rope, \
+            patches.fused_norm(model) as norms:
+        assert not applied and not rope and norms == 0
+    got = passes(model)  # transformers' own path gives the same pass
+    for g, w in zip(got, want):
+        assert abs(g.loss - w.loss) <= 1e-6 * abs(w.loss) and torch.equal(g.kept, w.kept)

@@ -7,17 +7,16 @@ They skip when Triton is not importable or the interpreter is off; the torch-pat
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from sparsinglaw import metrics
+from sparsinglaw.backend import Backend, current, using
 from sparsinglaw.kernels import cett_mask
 from sparsinglaw.sparse import Model, Rule, counted_positions, run_pass
 
 needs_interpreter = pytest.mark.skipif(
-    cett_mask.triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1",
+    cett_mask.triton is None or not current().interpret,
     reason="needs Triton, run through its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
 
 
@@ -133,15 +132,14 @@ def test_tiles_per_program_fills_the_gpu_and_bounds_atomics():
     assert big == cett_mask.MAX_TILES and -(-32768 // big) * 79 >= cett_mask.TARGET_PROGRAMS
 
 
-def test_enabled_follows_the_opt_out(monkeypatch):
+def test_enabled_follows_the_backend():
     h = torch.zeros(2, 3)
-    monkeypatch.setenv("SPARSINGLAW_FUSED_MASK", "0")
-    assert not cett_mask.enabled(h)
-    monkeypatch.delenv("SPARSINGLAW_FUSED_MASK")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not cett_mask.enabled(h)  # CPU and not interpreted: the torch path
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert cett_mask.enabled(h) == (cett_mask.triton is not None)
+    with using(Backend(fused_mask=False, interpret=True)):
+        assert not cett_mask.enabled(h)
+    with using(Backend(interpret=False)):
+        assert not cett_mask.enabled(h)  # CPU and not interpreted: the torch path
+    with using(Backend(interpret=True)):
+        assert cett_mask.enabled(h) == (cett_mask.triton is not None)
 
 
 @needs_interpreter
@@ -162,8 +160,8 @@ def test_run_pass_fused_equals_torch_path(tiny_model, monkeypatch, positions):
     monkeypatch.setattr(cett_mask, "apply", counting_apply)
     results = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("SPARSINGLAW_FUSED_MASK", flag)
-        results[flag] = run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True)
+        with using(Backend(fused_mask=flag == "1", interpret=True)):
+            results[flag] = run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True)
         assert len(calls) == (m.n_layers if flag == "1" else 0)  # the kernel served every layer, or none
     plain, fused = results["0"], results["1"]
     assert fused.loss == plain.loss

@@ -7,11 +7,14 @@ They skip where Triton is not importable or neither is available.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny import KERNEL_DEVICE, needs_kernel
 
 from sparsinglaw import metrics
+from sparsinglaw.backend import Backend, current, using
 from sparsinglaw.kernels import cett_probe, cett_update
 
 pytestmark = needs_kernel(cett_update)
@@ -19,9 +22,9 @@ pytestmark = needs_kernel(cett_update)
 
 @pytest.fixture(autouse=True)
 def fused(monkeypatch):
-    monkeypatch.setenv("SPARSINGLAW_FUSED_PROBE", "1")  # the interpreter serves only when asked
-    monkeypatch.delenv("SPARSINGLAW_PROBE_UPDATES", raising=False)
     monkeypatch.setattr(metrics, "UPDATE_MIN_DH", 1)  # updates on these narrow test layers too
+    with using(Backend(interpret=current().interpret)):  # every switch on
+        yield
 
 
 def sample(n_layers: int = 3, m: int = 80, d_f: int = 40, d_h: int = 24, seed: int = 0):
@@ -79,9 +82,8 @@ def test_updates_up_and_down_equal_dense_products():
 def test_cett_with_updates_equals_the_unfused_cett(monkeypatch):
     h, w, norms = sample()
     dense = metrics.DenseLayers.build(list(h), w, norms)
-    monkeypatch.setenv("SPARSINGLAW_FUSED_PROBE", "0")
-    plain = metrics.DenseLayers.build(list(h), w, norms)
-    monkeypatch.setenv("SPARSINGLAW_FUSED_PROBE", "1")
+    with using(replace(current(), fused_probe=False)):
+        plain = metrics.DenseLayers.build(list(h), w, norms)
     grid = dense.grids()
     layers = torch.tensor([0, 1, 2, 0, 2], device=KERNEL_DEVICE)
     # a search's pattern: far apart, then a few candidates and neighbours (pairs of one layer in one call)
@@ -105,7 +107,7 @@ def test_search_with_updates_returns_the_reference_candidates(monkeypatch):
         want = [metrics.reference_layer_threshold(h[i], w[i], norms[i], tau) for i in range(2)]
         assert got == pytest.approx(want, rel=1e-6)
     assert search.dense.updated_probes > 0
-    monkeypatch.setenv("SPARSINGLAW_PROBE_UPDATES", "0")
-    off = metrics.ThresholdSearch(metrics.DenseLayers.build(list(h), w, norms))
+    with using(replace(current(), probe_updates=False)):
+        off = metrics.ThresholdSearch(metrics.DenseLayers.build(list(h), w, norms))
     assert off.thresholds(0.2).tolist() == pytest.approx(search.answers[0.2][0].tolist(), rel=1e-6)
     assert off.dense.updated_probes == 0

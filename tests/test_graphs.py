@@ -1,18 +1,20 @@
 """CUDA-graphed CETT passes (sparse.GraphedPass) against eager ones, bit for bit. Needs a GPU; skipped elsewhere.
 
-They differed until `sparse.causal_attention`: transformers (5.17) counts CUDA stream capture as tracing
-and then builds the causal mask instead of passing `is_causal=True`, so a graphed pass's SDPA ran another
-attention kernel (a tiny Llama's loss moved by up to 3.6e-4; GPT-2, which builds no mask, by 0).
-`benchmarks/diag_graphs.py` (results in benchmarks/results/diag_graphs_h200.json) showed why. Every
-pass now attends through is_causal without a mask, captured or not.
+transformers counts CUDA stream capture as tracing and then builds the causal mask instead of passing
+`is_causal=True`, so a graphed pass's SDPA would run another attention kernel (a tiny Llama's loss moves by
+up to 3.6e-4; GPT-2, which builds no mask, by 0). `patches.causal_attention` makes every pass attend
+through is_causal without a mask, captured or not.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from tiny import tiny_model
 
+from sparsinglaw.backend import current, using
 from sparsinglaw.sparse import Model, Rule, run_pass
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -30,8 +32,9 @@ def test_graphed_passes_match_eager_ones(family, positions, monkeypatch):
     graphed = [run_pass(m, ids, Rule("cett", thresholds=th), positions, detail=True) for ids, th in runs]
     assert not m.graphs_failed, m.graphs_failed
     assert all(g.graph is not None for g in m._graphs.values())
-    monkeypatch.setenv("SPARSINGLAW_CUDA_GRAPHS", "0")
-    eager = [run_pass(Model(model), ids, Rule("cett", thresholds=th), positions, detail=True) for ids, th in runs]
+    with using(replace(current(), cuda_graphs=False)):
+        eager = [run_pass(Model(model), ids, Rule("cett", thresholds=th), positions, detail=True)
+                 for ids, th in runs]
     # per run: a result aliasing a later replay's outputs would carry another threshold's kept counts
     for i, (g, e) in enumerate(zip(graphed, eager)):
         assert g.loss == e.loss, (i, g.loss - e.loss)

@@ -1,6 +1,6 @@
 """Laws of activation ratio: recovery of the paper's coefficients, model comparison, bad input, the CLI.
 
-Synthetic curves use the published coefficients (SPEC section 3), sampled like the paper: 30-40 evenly
+Synthetic curves use the paper's published coefficients, sampled like the paper: 30-40 evenly
 spaced checkpoints from about 1B tokens (ReLU) or where A is near 0.31 (SiLU) up to 385 tokens per
 non-embedding parameter (800B tokens for 2.4B), with Gaussian noise of 5e-4 and fixed seeds.
 """

@@ -79,12 +79,12 @@ torch.manual_seed(4)
 h, w = torch.randn(3, 37, 50), torch.randn(3, 21, 50)
 dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
 layers, t = torch.tensor([0, 2, 2, 1]), torch.tensor([0.5, 0.3, 1.2, 0.8])
-import os
+from sparsinglaw.backend import Backend, using
 assert dense.a is None  # the fused path is the one measured below: it needs no fp32 a
 fused = dense.cett(layers, t)
-os.environ["SPARSINGLAW_FUSED_PROBE"] = "0"
-plain_dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
-plain = plain_dense.cett(layers, t)
+with using(Backend(fused_probe=False, interpret=True)):
+    plain_dense = metrics.DenseLayers.build(list(h), w, w.norm(dim=1))
+    plain = plain_dense.cett(layers, t)
 assert torch.allclose(fused, plain, rtol=1e-5), (fused, plain)
 assert torch.equal(dense.grids(), plain_dense.grids())
 print("ok", fused.tolist())
@@ -100,7 +100,7 @@ def test_fused_probe_matches_the_unfused_cett():
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SPARSINGLAW_FUSED_PROBE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
 
@@ -346,25 +346,6 @@ def test_fast_search_streams_batches_beyond_calibration_budget(trained):
     assert abs(streamed.evaluation.ppl_ratio / 1.01 - 1) <= 2e-3
     assert streamed.tau == pytest.approx(whole.tau, rel=0.1)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the search's side stream is a CUDA stream")
-def test_side_stream_changes_no_result(trained, monkeypatch):
-    # the threshold work on its own stream (search.SideStream) overlaps the passes; every number must be
-    # the same as with everything on one stream, held batches or streamed
-    import copy
-
-    model, batches = trained
-    gpu = copy.deepcopy(model).cuda()
-    on_gpu = [b.cuda() for b in batches]
-    out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("SPARSINGLAW_SEARCH_STREAM", flag)
-        m = Model(gpu)
-        out[flag] = [fast_search(m, on_gpu, p=1.0, progress=False),
-                     fast_search(m, on_gpu, p=1.0, calib_tokens=on_gpu[0].numel(), progress=False)]
-    for one, side in zip(out["0"], out["1"]):
-        assert one.history == side.history  # every tau, PPL ratio and activation ratio, bit for bit
-        assert torch.equal(one.evaluation.thresholds, side.evaluation.thresholds)
 
 
 # --- static thresholds: export, load, run sparsely ----------------------------------------------------------

@@ -127,6 +127,17 @@ def test_dtypes(tiny_dir):
         load_model(str(tiny_dir("llama")), device="cpu", dtype="float64")
 
 
+def test_an_unfetched_builtin_says_how_to_fetch_it(monkeypatch, tmp_path):
+    # nothing is installed at load time: a built-in model that was never fetched is a one-line error
+    monkeypatch.setenv("SPARSINGLAW_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.md, "files", lambda dist: [])
+    with pytest.raises(UserError, match="sparsinglaw fetch smollm2-135m"):
+        load_model(models.SMOLLM2["name"], device="cpu")
+    with pytest.raises(UserError, match="unknown built-in"):
+        models.fetch("gpt-5")
+    assert not any(tmp_path.iterdir())
+
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSINGLAW_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
@@ -140,12 +151,13 @@ def test_smollm2_builtin():
     """The built-in SmolLM2-135M: first run converts the wheel's GGUF into the default cache (~1 min)."""
     from sparsinglaw.data import eval_batches
 
+    models.fetch(models.SMOLLM2["name"])
     lm = load_model(models.SMOLLM2["name"], device="cpu")
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.dtype == torch.float32
     sites = ffn_sites(lm.model)
     assert len(sites) == 30 and all(s.d_ff == 1536 and s.gated for s in sites)
     assert activation_name(lm.model) == "silu"
-    assert (cache_dir() / "models" / models.SMOLLM2["name"] / "DONE").exists()
+    assert (cache_dir() / "models" / models.SMOLLM2["cache"] / "DONE").exists()
     (ids,) = eval_batches(lm.tokenizer, None, tokens=512, seq_len=256, batch_size=2)
     with torch.no_grad():
         loss = lm.model(input_ids=ids, labels=ids).loss.item()

@@ -14,6 +14,7 @@ import tiny
 import torch
 from tiny import passes_switched, tiny_model
 
+from sparsinglaw import patches
 from sparsinglaw.kernels import rmsnorm
 
 needs_kernel = tiny.needs_kernel(rmsnorm)
@@ -28,7 +29,7 @@ def ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("cls", sorted(rmsnorm.CLASSES))
+@pytest.mark.parametrize("cls", sorted(patches.NORM_CLASSES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [8, 48, 100])
 def test_kernel_matches_the_module(cls, dtype, d):
@@ -60,22 +61,23 @@ def test_unservable_calls_return_none():
         assert rmsnorm.apply(x, w, 1e-6) is not None
 
 
+@pytest.mark.skipif(not patches.supported(), reason="a transformers version the patches do not know: they step aside")
 def test_patched_only_inside_the_block():
     model = tiny_model("llama")
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
-    with rmsnorm.patched(model) as n:
+    with patches.fused_norm(model) as n:
         assert n == (len(norms) if rmsnorm.triton is not None else 0)
         assert all(("forward" in vars(m)) == (n > 0) for m in norms)
     assert not any("forward" in vars(m) for m in norms)
-    with rmsnorm.patched(tiny_model("gpt2")) as n:
+    with patches.fused_norm(tiny_model("gpt2")) as n:
         assert n == 0
 
 
 @needs_kernel
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_run_pass_close(family, monkeypatch):
+def test_run_pass_close(family):
     """A whole pass with the kernel: the same loss to rounding, the same kept counts to a few neurons."""
-    runs = passes_switched(family, "SPARSINGLAW_FUSED_NORM", monkeypatch, DEVICE)
+    runs = passes_switched(family, "fused_norm", DEVICE)
     for a, b in zip(runs["0"], runs["1"]):
         assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss)
         assert float((a.kept - b.kept).abs().max()) <= 2

@@ -98,12 +98,12 @@ def _replay(path: Path, curve: dict, taus: list[float], order: tuple[int, ...]):
 
 
 def test_replay_on_recorded_curves_gives_the_recorded_taus():
-    """The solver on every curve measured on a GPU (benchmarks/results/ppl_curves_*.json), in every batch
+    """The solver on every curve measured on a GPU (benchmarks/results/dev/ppl_curves_*.json), in every batch
     order: the same tau, bit for bit, as the solver it replaced (tests/data/solver_replay_taus.json)."""
     want = json.loads((ROOT / "tests" / "data" / "solver_replay_taus.json").read_text())
     got = []
     for name in sorted({c["file"] for c in want["cases"]}):
-        d = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        d = json.loads((ROOT / "benchmarks" / "results" / "dev" / name).read_text())
         for ci, c in enumerate(d["curves"]):
             for order in itertools.permutations(range(c["batches"])):
                 res = TauSolver(want["target"]).solve(_replay(ROOT, c, d["taus"], order))

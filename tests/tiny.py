@@ -8,6 +8,7 @@ eval mode, and the same special-token ids as `tiny_tokenizer()`.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -96,30 +97,30 @@ KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if torch.cuda.is_
 
 def needs_kernel(module):
     """A pytest mark: skip unless `module`'s Triton kernel can run here (a GPU, or the interpreter on)."""
-    import os
-
     import pytest
 
+    from sparsinglaw.backend import current
+
     return pytest.mark.skipif(
-        module.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+        module.triton is None or not (torch.cuda.is_available() or current().interpret),
         reason="needs Triton on a GPU, or its interpreter (TRITON_INTERPRET=1 set before triton is imported)")
 
 
-def passes_switched(family: str, switch: str, monkeypatch, device: str = "cpu", off: tuple[str, ...] = ()):
-    """A dense and a CETT pass of a tiny `family` model with the kernel behind `switch` off, then on (the
+def passes_switched(family: str, switch: str, device: str = "cpu", off: tuple[str, ...] = ()):
+    """A dense and a CETT pass of a tiny `family` model with the `Backend` switch `switch` off, then on (the
     switches in `off` off throughout): {"0": [dense, sparse], "1": [dense, sparse]}."""
+    from sparsinglaw.backend import current, using
     from sparsinglaw.sparse import Model, Rule, run_pass
 
     model = tiny_model(family).to(device)
     m = Model(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     th = torch.full((m.n_layers,), 0.05, device=device)
-    for other in off:
-        monkeypatch.setenv(other, "0")
+    base = replace(current(), **dict.fromkeys(off, False))
     runs = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv(switch, flag)
-        runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
+        with using(replace(base, **{switch: flag == "1"})):
+            runs[flag] = [run_pass(m, ids, Rule("dense")), run_pass(m, ids, Rule("cett", thresholds=th))]
     return runs
 
 

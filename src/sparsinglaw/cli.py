@@ -33,6 +33,17 @@ from sparsinglaw.console import (
 )
 from sparsinglaw.errors import NotReached, UserError
 
+BACKEND_HELP = ("performance switches, comma-separated name=on|off (fused_probe, probe_updates, fused_mask, "
+                "fused_rope, fused_norm, cuda_graphs, causal_sdpa), or 'plain' for the torch path throughout")
+
+
+def _backend(text: str):
+    """The `Backend` of a --backend option, resolved once, before any work (a bad switch fails first)."""
+    from sparsinglaw.backend import Backend, using
+
+    return using(Backend.parse(text))
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Activation sparsity of LLMs: measure, train, track, fit (arXiv 2411.02335).")
 
@@ -152,6 +163,7 @@ def measure(
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     out: Path = typer.Option(Path("sparsinglaw-out"), help="output folder"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    backend: str = typer.Option("", help=BACKEND_HELP),
 ) -> None:
     """Measure activation sparsity with one metric; write measurement.json, thresholds.json and plots."""
     phases, n_threads = _start(quiet, threads)
@@ -168,31 +180,41 @@ def measure(
         _check_params(metric, p, tau, k, eps)
     check_choice("--search", search, ("fast", "reference"))
     check_choice("--topk-mode", topk_mode, ("pooled", "per-token"))
+    in_backend = _backend(backend)
     _prepare(out, model, device, dtype, seq_len, allow_long, positions)
-    with staged_dir(out, owned=FILES) as stage:
-        lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
-        what = {"ppl": f"searching the CETT tau whose PPL ratio is 1 + {p:g}% ({search} search)",
-                "cett": f"one pass per batch at tau {tau}"}.get(metric, "dense and sparse pass of every batch")
-        with phases("search" if metric == "ppl" and th is None else "measure", what if th is None else
-                    "applying the frozen thresholds to every batch"):
-            result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
-                                 search=search, tol=tol, positions=positions, calib_tokens=n_calib,
-                                 thresholds=th, name=lm.name, progress=not quiet)
-        static = result.timings.get("static_check_s", 0.0)
-        last = "search" if "search" in phases.seconds else "measure"
-        phases.seconds[last] -= static
-        if result.static is not None:
-            phases.add("static check", static)
-        result.timings.update(phases=phases.seconds, threads=n_threads)
-        with phases("plots", "drawing the per-layer, per-token and neuron-frequency charts"):
-            files = result.plot(stage)
-        with phases("writing", f"measurement.json{' and thresholds.json' if result.thresholds else ''}"):
-            files = result.write(stage) + files
+    with in_backend:
+        with staged_dir(out, owned=FILES) as stage:
+            lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
+            what = {"ppl": f"searching the CETT tau whose PPL ratio is 1 + {p:g}% ({search} search)",
+                    "cett": f"one pass per batch at tau {tau}"}.get(metric, "dense and sparse pass of every batch")
+            with phases("search" if metric == "ppl" and th is None else "measure", what if th is None else
+                        "applying the frozen thresholds to every batch"):
+                result = run_measure(lm.model, batches, metric, p=p, tau=tau, k=k, eps=eps, topk_mode=topk_mode,
+                                     search=search, tol=tol, positions=positions, calib_tokens=n_calib,
+                                     thresholds=th, name=lm.name, progress=not quiet)
+            static = result.timings.get("static_check_s", 0.0)
+            last = "search" if "search" in phases.seconds else "measure"
+            phases.seconds[last] -= static
+            if result.static is not None:
+                phases.add("static check", static)
+            result.timings.update(phases=phases.seconds, threads=n_threads)
+            with phases("plots", "drawing the per-layer, per-token and neuron-frequency charts"):
+                files = result.plot(stage)
+            with phases("writing", f"measurement.json{' and thresholds.json' if result.thresholds else ''}"):
+                files = result.write(stage) + files
     print(result.summary())
     print(phases.closing([out / f.name for f in files], result.target_line()))
     if not result.reached:
         raise NotReached(f"{result.label} not reached: {result.search['message']} (best PPL ratio "
                          f"{result.ppl_ratio:.5f}); {out}/measurement.json says \"reached\": false")
+
+
+@app.command()
+def fetch(name: str = typer.Argument(..., help="built-in model: smollm2-135m")) -> None:
+    """Download and convert a built-in model once (the only command that needs the network)."""
+    from sparsinglaw.models import fetch as run_fetch
+
+    print(f"{name} is ready in {run_fetch(name)}")
 
 
 @app.command()
@@ -209,6 +231,7 @@ def tradeoff(
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     out: Path = typer.Option(Path("sparsinglaw-tradeoff"), help="output folder"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    backend: str = typer.Option("", help=BACKEND_HELP),
 ) -> None:
     """PPL versus activation ratio of CETT, Top-k, FAT and zero on the same data (paper Figure 2)."""
     phases, n_threads = _start(quiet, threads)
@@ -217,14 +240,16 @@ def tradeoff(
     from sparsinglaw.measure import tradeoff as run_tradeoff
 
     n_tokens = parse_tokens(tokens)
+    in_backend = _backend(backend)
     _prepare(out, model, device, dtype, seq_len, allow_long, positions)
-    with staged_dir(out, owned=TRADEOFF_FILES) as stage:
-        lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
-        with phases("tradeoff", "every metric over a sweep of its parameter, batch by batch"):
-            result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
-        result.timings.update(phases=phases.seconds, threads=n_threads)
-        with phases("plots and writing", "tradeoff.json and tradeoff.png"):
-            files = result.save(stage)
+    with in_backend:
+        with staged_dir(out, owned=TRADEOFF_FILES) as stage:
+            lm, batches = _load(phases, model, device, dtype, data, n_tokens, seq_len, batch_size, allow_long, quiet)
+            with phases("tradeoff", "every metric over a sweep of its parameter, batch by batch"):
+                result = run_tradeoff(lm.model, batches, positions=positions, name=lm.name, progress=not quiet)
+            result.timings.update(phases=phases.seconds, threads=n_threads)
+            with phases("plots and writing", "tradeoff.json and tradeoff.png"):
+                files = result.save(stage)
     print(f"{'metric':<6} {'param':>10} {'act. ratio':>10} {'PPL ratio':>10}")
     for pt in result.points:
         print(f"{pt['metric']:<6} {pt['value']:>10.4g} {pt['activation_ratio']:>10.4f} {pt['ppl_ratio']:>10.5f}")
@@ -424,6 +449,7 @@ def track(
     out: Path | None = typer.Option(None, "--out", help="folder for series.json and plots (default: RUN)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    backend: str = typer.Option("", "--backend", help=BACKEND_HELP),
 ) -> None:
     """Sparsity over a run: one tau on the last checkpoints, every checkpoint at it -> series.json, plots."""
     phases, _ = _start(quiet, threads)
@@ -435,9 +461,11 @@ def track(
     resolve_dtype(dtype, resolve_device(device))
     dest = check_out(out if out is not None else run)
     on_interrupt(lambda: _kept_series(dest / SERIES_FILE))
+    in_backend = _backend(backend)
     t = time.perf_counter()  # the library reports its own steps (bad runs fail there in one line)
-    result = run_track(run, p=p, tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, last=last,
-                       recalibrate=recalibrate, device=device, dtype=dtype, out=out, progress=not quiet)
+    with in_backend:
+        result = run_track(run, p=p, tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, last=last,
+                           recalibrate=recalibrate, device=device, dtype=dtype, out=out, progress=not quiet)
     phases.add("track", time.perf_counter() - t)
     print(result.summary())
     print(phases.closing([result.path, *result.plots], f"target CETT-PPL-{p:g}% at one tau "

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sparsinglaw.errors import UserError
-from sparsinglaw.io import atomic_write_json
+from sparsinglaw.io import atomic_write_json, cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 COMPRESSED = {".xz": lzma.decompress, ".gz": gzip.decompress, ".bz2": bz2.decompress}
@@ -499,12 +499,6 @@ def _fingerprint(sources: Sequence[str | Path] | None, settings: dict) -> str:
                 continue
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Where built corpora are cached: $SPARSINGLAW_CACHE, else ~/.cache/sparsinglaw."""
-    env = os.environ.get("SPARSINGLAW_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "sparsinglaw"
 
 
 def get_corpus(sources: Sequence[str | Path] | None = None, *, vocab_size: int = 8192,

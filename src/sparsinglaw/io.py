@@ -1,4 +1,5 @@
-"""Atomic writes: a result file or output folder is either complete or absent, never half-written."""
+"""Files: atomic writes (a result file or output folder is either complete or absent, never half-written),
+JSONL logs, and the cache folder."""
 
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: results are as readable as the PNGs beside them
+
+
+def cache_dir() -> Path:
+    """Where built corpora and built-in models are cached: $SPARSINGLAW_CACHE, else ~/.cache/sparsinglaw."""
+    env = os.environ.get("SPARSINGLAW_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sparsinglaw"
+
+
+def append_jsonl(path: str | os.PathLike, rec: dict) -> None:
+    """Append one JSON record as a line (a log: each line is complete or, after a crash, the last is cut)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, default=_json_default) + "\n")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Laws of activation ratio versus training data and versus width-depth ratio (SPEC section 3 and 5).
+"""Laws of activation ratio versus training data and versus width-depth ratio (docs/science.md).
 
 Why this module exists: the paper's own fits needed hand-picked starting points and moved a lot with how
 many warm-up checkpoints were dropped. Here every form is fitted from a data-driven grid of starts (each
@@ -949,14 +949,7 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     fails is reported with `success=False` and its reason.
     """
     s = series if isinstance(series, Series) else load_series(series)
-    if form != "auto":
-        get_form(form)
-    if drop_first < 0:
-        raise UserError(f"--drop-first must be >= 0, got {drop_first}")
-    if bootstrap < 0:
-        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
-    if not 0 < level < 1:
-        raise UserError(f"level must be in (0, 1), got {level}")
+    _check_fit_args(form, drop_first, bootstrap, level)
     D, A, n = s.D, s.activation_ratio, s.tokens.size
     if weighted and s.sigma is None:
         raise UserError(f"{s.name}: --weighted needs activation_ratio_sigma for every point (a series.json "
@@ -1002,7 +995,31 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     fit = forms[chosen]
     ok = {k: v for k, v in forms.items() if v.success}
     best = min(ok, key=lambda k: ok[k].aic) if ok else None
+    warnings += _fit_warnings(forms, chosen, best)
+    out = LawFit(series=s, form=chosen, selection=selection, fit=fit, forms=forms, dropped=dropped,
+                 used=used, best_by_aic=best, warnings=warnings)
+    if fit.success:
+        _add_forecasts(out, target_ratio, forecast_tokens)
+    return out
+
+
+def _check_fit_args(form: str, drop_first: int, bootstrap: int, level: float) -> None:
+    if form != "auto":
+        get_form(form)
+    if drop_first < 0:
+        raise UserError(f"--drop-first must be >= 0, got {drop_first}")
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
+    if not 0 < level < 1:
+        raise UserError(f"level must be in (0, 1), got {level}")
+
+
+def _fit_warnings(forms: dict[str, FormFit], chosen: str, best: str | None) -> list[str]:
+    """What a reader of the chosen fit should know: a form that fits better or as well by AIC, failed
+    forms, a fit that did not converge, a parameter at its bound."""
+    fit, warnings = forms[chosen], []
     if best is not None and best != chosen and fit.success:
+        ok = {k: v for k, v in forms.items() if v.success}
         gap = fit.aic - ok[best].aic
         kind = "baseline" if best in BASELINE_FORMS else "law"
         if gap > 4:
@@ -1023,11 +1040,7 @@ def fit_series(series: Series | str | os.PathLike, form: str = "auto", *, drop_f
     if fit.success and chosen == "relu" and fit.params["alpha"] < 2e-3:
         warnings.append("alpha is at its lower bound: the curve is a pure power law A0 + K*D^-(c*alpha), "
                         "so b and c are not separately determined (A0 still is)")
-    out = LawFit(series=s, form=chosen, selection=selection, fit=fit, forms=forms, dropped=dropped,
-                 used=used, best_by_aic=best, warnings=warnings)
-    if fit.success:
-        _add_forecasts(out, target_ratio, forecast_tokens)
-    return out
+    return warnings
 
 
 def _add_forecasts(out: LawFit, target_ratio: float | None, forecast_tokens: Sequence[float] | None) -> None:
@@ -1102,7 +1115,8 @@ def linearised(fit: LawFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def scale_table(fits: Sequence[LawFit]) -> list[dict[str, Any]]:
-    """A0 versus non-embedding parameters for runs of several sizes (SPEC finding 4), sorted by size."""
+    """A0 versus non-embedding parameters for runs of several sizes, sorted by size (the paper finds that A0
+    depends only weakly on size)."""
     rows = []
     for ft in fits:
         ci = ft.fit.ci.get("A0") if ft.success else None

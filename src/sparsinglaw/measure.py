@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsinglaw import search as search_mod
+from sparsinglaw.backend import current
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.sites import activation_name, hooked
@@ -24,7 +25,7 @@ from sparsinglaw.uncertainty import Noise, f_sigma
 
 METRICS = ("zero", "topk", "fat", "cett", "ppl")
 FILES = ("measurement.json", "thresholds.json", "layer_ratio.png", "heatmap.png", "neuron_frequency.png")
-DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead (SPEC 6.6)
+DEAD_FREQUENCY = 0.001  # a neuron active on under 0.1% of tokens counts as dead, as in the paper
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Measurement:
     tau_interval: tuple[float, float] | None = None
     uncertainty: dict | None = None  # the band in full (level, resamples, width, tokens to narrow it, ...)
     band_notes: list[str] = field(default_factory=list, repr=False)
+    backend: dict = field(default_factory=dict)  # the `Backend` it ran under
     thresholds: Thresholds | None = field(default=None, repr=False)
     token_ratio: list[list[float]] | None = field(default=None, repr=False)
     neuron_frequency: np.ndarray | None = field(default=None, repr=False)
@@ -235,15 +237,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
             ev = search_mod.combine(tau, search_mod.stream(m, batches, tau, positions, counter, detail=True))
             cett_tau = tau
         else:
-            if metric == "zero":
-                rule, params = Rule("zero"), {}
-            elif metric == "fat":
-                rule, params = Rule("fat", value=eps), {"eps": eps}
-            elif topk_mode in ("pooled", "per-token"):
-                rule = Rule("topk_pooled" if topk_mode == "pooled" else "topk_token", value=k, recorded={})
-                params = {"k": k, "mode": topk_mode}
-            else:
-                raise UserError(f"unknown --topk-mode {topk_mode!r}; use pooled or per-token")
+            rule, params = _rule_for(metric, k, eps, topk_mode)
             parts = _passes(m, batches, rule, positions, progress, metric)
             ev = search_mod.combine(float("nan"), parts)
             static_th = _static_for(metric, rule, m.n_layers, eps)
@@ -254,15 +248,9 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
         static_th = Thresholds("cett", th, params={**params, "tau": cett_tau})
     if static_th is not None:
         static_th.model, static_th.metric = name, metric
-    static = None
     t_static = time.perf_counter()
-    if static_check and static_th is not None and cett_tau is not None:
-        if progress:
-            print("[static check] re-applying the exported per-layer thresholds (their mean over batches) to the "
-                  "same data: what thresholds.json gives when frozen", file=sys.stderr, flush=True)
-        sev = search_mod.combine(cett_tau, _passes(m, batches, static_th.rule(m.device), positions, progress,
-                                                    "static check"))
-        static = {"ppl_ratio": sev.ppl_ratio, "activation_ratio": sev.activation_ratio}
+    static = (_static_check(m, batches, static_th, cett_tau, positions, progress)
+              if static_check and static_th is not None and cett_tau is not None else None)
     t_static = time.perf_counter() - t_static
     out = _finish(m, ev, name, metric, params, positions, len(batches), cett_tau, search_json, static, regime,
                   static_th, time.perf_counter() - t0)
@@ -278,6 +266,28 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], metric: str = "
         out.uncertainty = {**found.to_json(), **(noise or Noise()).to_json()}
         out.band_notes = found.notes()
     return out
+
+
+def _rule_for(metric: str, k: float | None, eps: float | None, topk_mode: str) -> tuple[Rule, dict]:
+    """The keep rule of a one-pass metric (zero, fat, topk) and its parameters as recorded."""
+    if metric == "zero":
+        return Rule("zero"), {}
+    if metric == "fat":
+        return Rule("fat", value=eps), {"eps": eps}
+    if topk_mode not in ("pooled", "per-token"):
+        raise UserError(f"unknown --topk-mode {topk_mode!r}; use pooled or per-token")
+    rule = Rule("topk_pooled" if topk_mode == "pooled" else "topk_token", value=k, recorded={})
+    return rule, {"k": k, "mode": topk_mode}
+
+
+def _static_check(m: Model, batches, static_th: Thresholds, tau: float, positions: str, progress: bool) -> dict:
+    """The exported thresholds (their mean over batches) re-applied to the same data: what thresholds.json
+    gives when frozen."""
+    if progress:
+        print("[static check] re-applying the exported per-layer thresholds (their mean over batches) to the "
+              "same data: what thresholds.json gives when frozen", file=sys.stderr, flush=True)
+    sev = search_mod.combine(tau, _passes(m, batches, static_th.rule(m.device), positions, progress, "static check"))
+    return {"ppl_ratio": sev.ppl_ratio, "activation_ratio": sev.activation_ratio}
 
 
 def _accepted(res, search: str, tol: float) -> str:
@@ -342,7 +352,7 @@ def _finish(m: Model, ev, name, metric, params, positions, n_batches, cett_tau, 
         ppl_ratio=ev.ppl_ratio, ppl_ratio_pooled=math.exp(ev.loss_sparse - ev.loss_dense),
         activation_ratio=ev.activation_ratio, cett=cett_tau, layers=layers, search=search_json,
         timings={"total_s": seconds}, dead_neuron_ratio=dead, frequency_histogram=hist, static=static,
-        regime=regime, thresholds=static_th,
+        regime=regime, backend=current().to_json(), thresholds=static_th,
         token_ratio=ev.token_ratio.tolist() if ev.token_ratio is not None else None, neuron_frequency=freq)
 
 
@@ -360,6 +370,7 @@ class Tradeoff:
     ppl_dense: float
     points: list[dict]  # {metric, param, value, activation_ratio, ppl_ratio}
     timings: dict
+    backend: dict = field(default_factory=dict)  # the `Backend` it ran under
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -427,4 +438,4 @@ def tradeoff(model: torch.nn.Module, batches: list[torch.Tensor], *, taus=TAUS, 
                        "ppl_ratio": ev.ppl_ratio})
     return Tradeoff(model=name, activation=activation_name(model), tokens=sum(b.numel() for b in batches),
                     ppl_dense=math.exp(sum(dense_losses) / len(dense_losses)), points=points,
-                    timings={"total_s": time.perf_counter() - t0})
+                    timings={"total_s": time.perf_counter() - t0}, backend=current().to_json())

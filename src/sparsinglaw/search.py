@@ -1,4 +1,6 @@
-"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model (docs/cett-ppl-search.md).
+"""CETT-PPL-p%: find the tau at which perplexity rises by p% over the dense model.
+
+The design and its invariants: docs/cett-ppl-search.md.
 
 Two searches:
 - `reference_search`: the authors' published procedure (bisection on tau in [0, 1]; every round redoes
@@ -17,12 +19,9 @@ authors' aggregation: the PPL ratio is the mean over batches of exp(loss_sparse 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -156,48 +155,11 @@ def check_p(p: float) -> float:
 HINT_TOKENS = 8192  # batches smaller than this are too noisy for one's thresholds to guide the next's
 
 
-class SideStream:
-    """The fast search's own CUDA stream for its threshold work (DenseLayers, grids, probes). Its host side
-    (Python between probes, a sync on each step's results) then overlaps the passes queued on the default
-    stream: a batch's grids run while the next batch's dense pass is launched, and a batch's probes while
-    the previous batch's sparse pass runs. Every tensor keeps the stream it was made on; the two hand
-    tensors over only through `run` and `hand_back`. A no-op off CUDA, or with SPARSINGLAW_SEARCH_STREAM=0."""
-
-    def __init__(self, device: torch.device | None):
-        on = device is not None and device.type == "cuda" and os.environ.get("SPARSINGLAW_SEARCH_STREAM", "1") != "0"
-        self.stream = torch.cuda.Stream(device) if on else None
-
-    @contextlib.contextmanager
-    def run(self, *inputs: torch.Tensor) -> Iterator[None]:
-        """Work on the side stream. `inputs`: tensors made on the default stream: the side stream then waits
-        for the default stream's work so far, and their memory is not reused before it is done with them.
-        Without inputs it does not wait (so a search overlaps the sparse pass queued before it)."""
-        if self.stream is None:
-            yield
-            return
-        if inputs:
-            self.stream.wait_stream(torch.cuda.current_stream())
-        for t in inputs:
-            t.record_stream(self.stream)
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def hand_back(self, *outputs: torch.Tensor) -> None:
-        """The default stream waits for the side stream's work so far, and may use `outputs`."""
-        if self.stream is None:
-            return
-        main = torch.cuda.current_stream()
-        main.wait_stream(self.stream)
-        for t in outputs:
-            t.record_stream(main)
-
-
 class BatchState:
-    """One batch's dense loss and memoised per-layer threshold search (its grids queued on `side`, and read
+    """One batch's dense loss and memoised per-layer threshold search (its grids queued at once, and read
     back at first use)."""
 
-    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter,
-                 side: SideStream | None = None):
+    def __init__(self, m: Model, ids: torch.Tensor, positions: str, counter: PassCounter):
         t0 = time.perf_counter()
         dense = run_pass(m, ids, Rule("dense"), positions, capture=True)
         counter.passes += 1
@@ -206,10 +168,9 @@ class BatchState:
         self.loss_dense = dense.loss
         counter.timed("dense", t0)
         t0 = time.perf_counter()
-        self.side, self._counter = side or SideStream(None), counter
-        with self.side.run(*dense.dense_h):
-            self._dense = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
-            self._ends = self._dense.grid_ends()
+        self._counter = counter
+        self._dense = DenseLayers.build(dense.dense_h, m.w_stack, m.norm_stack)
+        self._ends = self._dense.grid_ends()
         self._search: ThresholdSearch | None = None
         counter.timed("grids", t0)
 
@@ -218,8 +179,7 @@ class BatchState:
         """The memoised threshold search; its grids are read back here, at first use."""
         if self._search is None:
             t0 = time.perf_counter()
-            with self.side.run():
-                self._search = ThresholdSearch(self._dense, self._dense.grids(self._ends))
+            self._search = ThresholdSearch(self._dense, self._dense.grids(self._ends))
             self._counter.timed("grids", t0)
         return self._search
 
@@ -228,16 +188,13 @@ def evaluate_states(m: Model, states: list[BatchState], tau: float, positions: s
                     detail: bool, hint: ThresholdSearch | None = None, launch: bool = False
                     ) -> list[tuple[PassResult, PassResult | LaunchedPass, torch.Tensor]]:
     """Sparse pass of every held batch at `tau` (thresholds from each batch's memoised search, all
-    batches' searches stepped together, on their side stream). launch: return the passes queued, not read
+    batches' searches stepped together). launch: return the passes queued, not read
     back (`resolved` reads them), so that the host goes on to other work meanwhile."""
     def counts() -> tuple[int, int]:
         return (sum(st.search.evaluations for st in states), sum(st.search.dense.updated_probes for st in states))
 
-    side = states[0].side
     before, t0 = counts(), time.perf_counter()
-    with side.run():
-        ths = thresholds_all([st.search for st in states], tau, hint)
-    side.hand_back(*ths)
+    ths = thresholds_all([st.search for st in states], tau, hint)
     after = counts()
     counter.products += after[0] - before[0]
     counter.updates += after[1] - before[1]
@@ -262,11 +219,11 @@ def resolved(parts: list[tuple[PassResult, PassResult | LaunchedPass, torch.Tens
 
 
 def stream(m: Model, batches: list[torch.Tensor], tau: float, positions: str, counter: PassCounter,
-           detail: bool, side: SideStream | None = None) -> list[tuple[PassResult, PassResult, torch.Tensor]]:
+           detail: bool) -> list[tuple[PassResult, PassResult, torch.Tensor]]:
     """Batches beyond the calibration budget: dense pass, thresholds, sparse pass, then freed."""
     parts = []
     for ids in batches:
-        st = BatchState(m, ids, positions, counter, side)
+        st = BatchState(m, ids, positions, counter)
         parts += evaluate_states(m, [st], tau, positions, counter, detail)
         del st
     return parts
@@ -283,10 +240,10 @@ class FastSearch:
     step for all of them: better for many small batches)."""
 
     def __init__(self, m: Model, batches: list[torch.Tensor], positions: str = "all",
-                 counter: PassCounter | None = None, side: SideStream | None = None, progress: bool = False):
+                 counter: PassCounter | None = None, progress: bool = False):
         self.m, self.positions, self.progress = m, positions, progress
         self.counter = counter or PassCounter(len(batches))
-        self.states = [BatchState(m, ids, positions, self.counter, side)
+        self.states = [BatchState(m, ids, positions, self.counter)
                        for ids in _bar(batches, "dense pass", progress and len(batches) > 1)]
         # a batch's thresholds at a tau are the next batch's first guess where batches are large enough to
         # agree (on 16K-token batches of a 0.1B model they cut probes by a fifth to a third; on 1K-token
@@ -353,8 +310,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
     calib, rest = split_calibration(batches, calib_tokens)
     _say(f"fast search: dense pass on {sum(b.numel() for b in calib)} calibration tokens"
          + (f", {len(rest)} more batches streamed" if rest else ""), progress)
-    side = SideStream(m.device)
-    engine = FastSearch(m, calib, positions, counter, side, progress=progress)
+    engine = FastSearch(m, calib, positions, counter, progress=progress)
     history: list[dict] = []
     held: list[Evaluation] = []  # every evaluation of the held batches
 
@@ -375,7 +331,7 @@ def fast_search(m: Model, batches: list[torch.Tensor], p: float, positions: str 
         for _ in range(3):
             parts = engine.parts(ev.tau, lockstep=True)
             engine.drop_products()  # room for the streamed batch in flight
-            parts += stream(m, rest, ev.tau, positions, counter, detail=True, side=side)
+            parts += stream(m, rest, ev.tau, positions, counter, detail=True)
             full = combine(ev.tau, parts)
             evaluations.append(full)
             history.append({**full.brief(), "batches": len(batches)})

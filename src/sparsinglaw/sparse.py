@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsinglaw import metrics
+from sparsinglaw import metrics, patches
+from sparsinglaw.backend import current
 from sparsinglaw.errors import UserError
 from sparsinglaw.io import atomic_write_json
 from sparsinglaw.sites import FFNSite, ffn_sites, hooked
@@ -115,7 +115,7 @@ class Model:
     def graphed(self, ids: torch.Tensor, rule: Rule, positions: str, detail: bool) -> GraphedPass | None:
         """The CUDA-graphed pass for this batch shape, where graphs serve: CETT rules on a GPU."""
         if (rule.kind != "cett" or not ids.is_cuda or self.graphs_failed
-                or os.environ.get("SPARSINGLAW_CUDA_GRAPHS", "1") == "0"):
+                or not current().cuda_graphs):
             return None
         key = (tuple(ids.shape), positions, detail)
         if key not in self._graphs:
@@ -167,59 +167,12 @@ def block_tokens(ids_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     return torch.tensor(per_seq * b, dtype=torch.float64)
 
 
-@contextlib.contextmanager
-def fused_forward(model: torch.nn.Module) -> Iterator[None]:
-    """Inside this block the Llama family's RoPE and RMSNorm run through fused kernels on a GPU
-    (`kernels.rope`, `kernels.rmsnorm`; a third of a pass); elsewhere, and for other families, a no-op."""
-    from sparsinglaw.kernels import rmsnorm, rope  # lazy, as every kernel: Triton is optional
-
-    with rope.patched(model), rmsnorm.patched(model):
-        yield
-
-
-CAUSAL_SDPA = "sparsinglaw_causal_sdpa"  # torch SDPA under a name transformers builds no mask for
-CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # full causal attention through create_causal_mask
-
-
-def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-@contextlib.contextmanager
-def causal_attention(model: torch.nn.Module, seq: int) -> Iterator[bool]:
-    """Inside this block, a Llama-family model on SDPA attends through `is_causal=True` without building a
-    mask, as transformers does itself for an unpadded batch with no cache, but also under CUDA stream
-    capture, where it would otherwise materialise the causal mask (it cannot check the padding there) and
-    SDPA would take a slower kernel whose rounding differs (benchmarks/diag_graphs.py). So a graphed pass
-    equals an eager one. Only for whole sequences (`seq` tokens) with no padding mask and no cache, as
-    `_pass` runs them, and no sliding window shorter than them; elsewhere a no-op. Yields whether it
-    applied."""
-    from transformers import AttentionInterface
-
-    cfg = getattr(model, "config", None)
-    window = getattr(cfg, "sliding_window", None)
-    sliding = window is not None and seq > window and (  # a window as long as the sequence is causal
-        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
-    if (cfg is None or getattr(cfg, "model_type", None) not in CAUSAL_FAMILIES or sliding
-            or cfg._attn_implementation != "sdpa" or not getattr(cfg, "is_causal", True)):
-        yield False
-        return
-    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
-    cfg._attn_implementation = CAUSAL_SDPA
-    try:
-        yield True
-    finally:
-        cfg._attn_implementation = "sdpa"
-
-
 def run_pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str = "all", capture: bool = False,
              detail: bool = False) -> PassResult:
     """One forward pass of a batch with `rule` applied at every FFN; never syncs inside the pass.
 
-    CETT on a GPU goes through one fused Triton kernel per layer (`kernels.cett_mask`, off with
-    SPARSINGLAW_FUSED_MASK=0); elsewhere the torch path below, which keeps the very same neurons.
+    CETT on a GPU goes through one fused Triton kernel per layer (`kernels.cett_mask`,
+    `Backend.fused_mask`); elsewhere the torch path below, which keeps the very same neurons.
     On a GPU the Llama family's RoPE and RMSNorm run through fused kernels too (`kernels.rope`,
     bit-identical; `kernels.rmsnorm`, to the last bit of the norm's sum), together a third of a pass,
     and CETT passes of a batch shape seen before replay a CUDA graph of the pass (`GraphedPass`)."""
@@ -306,7 +259,7 @@ def _pass(m: Model, ids: torch.Tensor, rule: Rule, positions: str, capture: bool
             token_ratio[i] = keep_flat[:seq].sum(-1, dtype=torch.int32).float() / keep.shape[-1]
         return torch.where(keep, h, 0)
 
-    with hooked(m.sites, fn, need_s=rule.need_s), fused_forward(m.model), causal_attention(m.model, seq):
+    with hooked(m.sites, fn, need_s=rule.need_s), patches.passes(m.model, seq):
         logits = m.model(input_ids=ids, use_cache=False).logits
     return lm_loss(logits, ids), kept, neuron_kept, token_ratio, captured
 
@@ -316,11 +269,11 @@ class GraphedPass:
     buffers and the recorded kernels replayed, so the host's per-layer Python and launch overhead (a
     third of a 0.1B pass on an H200) is paid once. The first call runs eagerly (compiling kernels), the
     second captures; a pass that cannot be captured (a host sync inside a model's forward) runs eagerly
-    from then on. SPARSINGLAW_CUDA_GRAPHS=0 turns graphs off.
+    from then on. `Backend.cuda_graphs` switches graphs.
 
-    Bit-identical to an eager pass (tests/test_graphs.py): both attend through `causal_attention`. Before
-    it, transformers counted stream capture as tracing and built the causal mask, and SDPA took another,
-    slower kernel (a tiny Llama's loss moved by up to 3.6e-4; `benchmarks/diag_graphs.py`)."""
+    Bit-identical to an eager pass (tests/test_graphs.py): both attend through `patches.causal_attention`.
+    Without it, transformers counts stream capture as tracing and builds the causal mask, and SDPA takes
+    another, slower kernel whose rounding differs."""
 
     def __init__(self, m: Model, ids: torch.Tensor, positions: str, detail: bool):
         self.m, self.positions, self.detail = m, positions, detail
@@ -401,5 +354,5 @@ def sparsify(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Ite
         raise UserError(f"thresholds have {len(th.thresholds)} layers but the model has {m.n_layers}")
     rule = th.rule(m.device)
 
-    with hooked(m.sites, lambda i, h, s: rule.mask(i, h, s, m.norms[i]), need_s=rule.need_s), fused_forward(model):
+    with hooked(m.sites, lambda i, h, s: rule.mask(i, h, s, m.norms[i]), need_s=rule.need_s), patches.passes(model):
         yield m

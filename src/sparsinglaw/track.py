@@ -1,4 +1,4 @@
-"""Sparsity over a training run: the paper's stabilizing strategy (SPEC section 4), kept up to date.
+"""Sparsity over a training run: the paper's stabilizing strategy (one tau per run), kept up to date.
 
 - `track(run_dir)`: calibrate ONE tau on the last five checkpoints together (the mean of their PPL
   ratios is 1 + p%), then measure EVERY checkpoint at that tau (thresholds re-searched per checkpoint and
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from sparsinglaw.backend import current
 from sparsinglaw.errors import UserError
-from sparsinglaw.io import atomic_write_json
+from sparsinglaw.io import append_jsonl, atomic_write_json
 from sparsinglaw.search import (
     Evaluation,
     FastSearch,
@@ -277,7 +278,7 @@ def _series(records: list[dict], meta: dict, tau: float, calibration: dict, sett
     """series.json: metadata, then one list per quantity (one entry per checkpoint, oldest first)."""
     records = sorted(records, key=lambda r: r["step"])
     out = {**meta, "p": settings["p"], "tau": tau, "metric": f"CETT-PPL-{settings['p']:g}%",
-           "calibration": calibration, "settings": settings,
+           "calibration": calibration, "settings": settings, "backend": current().to_json(),
            "tokens": [r["tokens"] for r in records]}
     for key in _COLUMNS:
         out[key] = [r.get(key) for r in records]
@@ -311,6 +312,26 @@ def _read_previous(path: Path, log: Callable[[str], Any]) -> dict | None:
         return None
 
 
+def _reusable(old: dict | None, settings: dict, names: dict, say: Callable[[str], Any]) -> tuple[dict, str]:
+    """What a stored series still holds: its records of checkpoints that exist unchanged, measured under equal
+    settings (name -> record), and why every checkpoint must be measured again ("" where not)."""
+    if old is None:
+        return {}, "no series yet"
+    changed = [k for k in _SETTINGS if old.get("settings", {}).get(k) != settings[k]]
+    if changed:
+        return {}, "settings changed (" + ", ".join(
+            f"{k} {old.get('settings', {}).get(k)} -> {settings[k]}" for k in changed) + ")"
+    reusable = {}
+    for rec in _records(old):
+        ck = names.get(rec["name"])
+        if ck is not None and rec.get("time") == ck.meta.get("time") and rec["step"] == ck.step:
+            reusable[rec["name"]] = rec
+    gone = len(old.get("checkpoints", [])) - len(reusable)
+    if gone:
+        say(f"dropping {gone} stored record(s) whose checkpoint is gone or was rewritten")
+    return reusable, ""
+
+
 # --- track ----------------------------------------------------------------------------------------------
 
 def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_len: int | None = None,
@@ -318,7 +339,7 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
           dtype: str = "auto", out: str | Path | None = None, positions: str = "all", plots: bool = True,
           state_budget: int | None = None, progress: bool = True,
           log: Callable[[str], Any] | None = None) -> TrackResult:
-    """Measure a run's checkpoints with one tau calibrated on its last `last` checkpoints (SPEC section 4).
+    """Measure a run's checkpoints with one tau calibrated on its last `last` checkpoints, as the paper does.
 
     Incremental: with a series.json already in `out` (default: the run folder), tau is recalibrated on the
     current last checkpoints; if it moved by more than 1% (or `recalibrate`, or the settings changed),
@@ -348,25 +369,8 @@ def track(run_dir: str | Path, p: float = 1.0, tokens: int | None = None, seq_le
     calib_cks = cks[-last:]
     names = {ck.path.name: ck for ck in cks}
 
-    # What the stored series still holds: records of checkpoints that exist unchanged, under equal settings.
     old = _read_previous(out / SERIES_FILE, say)
-    reusable: dict[str, dict] = {}
-    why_all = ""
-    if old is not None:
-        changed = [k for k in _SETTINGS if old.get("settings", {}).get(k) != settings[k]]
-        if changed:
-            why_all = "settings changed (" + ", ".join(
-                f"{k} {old.get('settings', {}).get(k)} -> {settings[k]}" for k in changed) + ")"
-        else:
-            for rec in _records(old):
-                ck = names.get(rec["name"])
-                if ck is not None and rec.get("time") == ck.meta.get("time") and rec["step"] == ck.step:
-                    reusable[rec["name"]] = rec
-            gone = len(old.get("checkpoints", [])) - len(reusable)
-            if gone:
-                say(f"dropping {gone} stored record(s) whose checkpoint is gone or was rewritten")
-    else:
-        why_all = "no series yet"
+    reusable, why_all = _reusable(old, settings, names, say)
     if recalibrate:
         why_all = "--recalibrate"
 
@@ -447,12 +451,6 @@ def write_plots(series: dict, out: str | Path) -> list[Path]:
 
 # --- online: a cheap look at each checkpoint during training -----------------------------------------------
 
-def _append_jsonl(path: Path, rec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 def _brief(res: Any, seconds: float) -> dict:
     ev = res.evaluation
     return {"p": round(100 * (res.target - 1), 10), "tau": res.tau, "activation_ratio": ev.activation_ratio,
@@ -525,7 +523,7 @@ class OnlineTracker:
                        seconds=time.perf_counter() - t0)
             self.log(f"online tracking {ckpt_dir.name} failed: {rec['error']}")
         rec["time"] = time.time()
-        _append_jsonl(run_dir / ONLINE_FILE, rec)
+        append_jsonl(run_dir / ONLINE_FILE, rec)
         return rec
 
     @torch.no_grad()
@@ -605,4 +603,4 @@ class SparsityCallback(TrainerCallback):
                **{f"sparsity/{k}": v for k, v in brief.items()}}
         self.records.append(rec)
         state.log_history.append(rec)
-        _append_jsonl(Path(args.output_dir) / self.file, rec)
+        append_jsonl(Path(args.output_dir) / self.file, rec)

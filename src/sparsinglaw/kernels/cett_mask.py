@@ -1,7 +1,7 @@
 """A fused CETT mask for sparse forward passes: weak test, masked h and kept counts in one Triton kernel.
 
-`run_pass` with a CETT rule used to spend about 7 ms per 16-layer pass (16K tokens, d_f 1,920, H200) on
-elementwise traffic: abs, compare, select, two reductions and dtype copies, each a full read (and often a
+In torch, a CETT pass spends about 7 ms per 16-layer pass (16K tokens, d_f 1,920, H200) on elementwise
+traffic: abs, compare, select, two reductions and dtype copies, each a full read (and often a
 write) of h. This kernel reads h once and writes the masked h plus two small int32 count vectors:
 
     keep[r, k] = not ( fp32(|h[r, k]|) * norms[k] <= t )            (NaN is kept, as in `not (a <= t)`)
@@ -13,8 +13,8 @@ The weak test is the reference's own (`a = |h| * norms` in fp32, `a <= t`, see `
 computed in registers, so the kept counts equal those of the torch path (`metrics.keep_cett`) exactly.
 Counted rows: every row, or (`seq` given, positions "labeled") every row but the last of each sequence.
 
-On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_MASK=0 turns it off (the torch path
-serves). Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+On by default on CUDA when Triton is importable (`Backend.fused_mask`; off, the torch path serves).
+Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MAX_TILES = 64
 
 def enabled(h: torch.Tensor) -> bool:
     """Use the fused kernel for this tensor: Triton present, not turned off, and on a GPU (or interpreted)."""
-    return triton is not None and serves(h, "SPARSINGLAW_FUSED_MASK")
+    return triton is not None and serves(h, "fused_mask")
 
 
 def tiles_per_program(row_tiles: int, col_blocks: int) -> int:

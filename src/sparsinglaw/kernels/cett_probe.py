@@ -11,17 +11,16 @@ The weak test is the reference's own (`a = |h| * norms` in fp32, `a <= t`), comp
 product is accumulated in fp32 and not rounded to bf16 before squaring, so a CETT value differs from the
 unfused path's by the bf16 rounding of the product (about 1e-6 relative, averaged over tokens).
 
-On by default on CUDA when Triton is present (SPARSINGLAW_FUSED_PROBE=0 turns it off). On an H200 a
-16-layer probe of a 0.1B model at 16K tokens took 2.78 ms against 4.03 ms unfused, with the same CETT
-(benchmarks/profile_gpu.py). Tested on CPU through Triton's interpreter (TRITON_INTERPRET=1 together
-with SPARSINGLAW_FUSED_PROBE=1).
+On by default on CUDA when Triton is present (`Backend.fused_probe`). It reads h once instead of writing
+and reading a mask, a masked copy and a bf16 product (timings: docs/benchmarks.md). Tested on CPU through
+Triton's interpreter (TRITON_INTERPRET=1, `Backend.interpret`).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from sparsinglaw.kernels import serves
 
 try:
     import triton
@@ -31,12 +30,8 @@ except ImportError:  # CPU installs have no Triton: the unfused path serves
 
 
 def enabled(h: torch.Tensor) -> bool:
-    """Use the fused probe for this tensor: Triton present, not turned off, and on a GPU (or, when asked
-    for explicitly, through Triton's interpreter)."""
-    flag = os.environ.get("SPARSINGLAW_FUSED_PROBE", "")
-    if triton is None or flag == "0":
-        return False
-    return h.is_cuda or (flag == "1" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    """Use the fused probe for this tensor: Triton present, switched on, and on a GPU (or interpreted)."""
+    return triton is not None and serves(h, "fused_probe")
 
 
 # (BM, BN, BK, num_warps, num_stages): rows, output columns and reduction step of one tile

@@ -9,14 +9,14 @@ the weak test `a <= t`); a few candidates of the 65,536-point grid apart that is
 
 costs a pass over h (finding them) and over y (updating it), instead of a dense (m x d_f)(d_f x d_h)
 product: on an H200 at the 1.2B shape (16K tokens, d_f 4480, d_h 1792) the dense probe takes about
-0.75 ms per layer (benchmarks/profile_gpu.py probes).
+0.75 ms per layer (benchmarks/dev/profile_gpu.py probes).
 
 The products h * W are exact in fp32 (bf16 or fp16 operands), so y(t') differs from a dense probe's
 only in the order of its fp32 sums (about 1e-7 relative). Deterministic: `torch.nonzero` lists the
 changed elements in order, and each token's row is updated by one program, element after element.
 
 Used by `DenseLayers.cett` where the fused probe serves (`cett_probe.enabled`);
-SPARSINGLAW_PROBE_UPDATES=0 turns it off (every probe is then a dense product).
+`Backend.probe_updates` switches it (every probe is then a dense product).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ MASK_BYTES = 1 << 30  # the band masks of one launch (one byte per element of h)
 
 
 def enabled(h: torch.Tensor) -> bool:
-    """Sparse updates serve where the fused probe does, unless turned off."""
-    return switched_on("SPARSINGLAW_PROBE_UPDATES") and cett_probe.enabled(h)
+    """Sparse updates serve where the fused probe does, unless switched off."""
+    return switched_on("probe_updates") and cett_probe.enabled(h)
 
 
 if triton is not None:

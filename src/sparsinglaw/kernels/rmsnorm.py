@@ -2,26 +2,23 @@
 
 transformers' LlamaRMSNorm upcasts to fp32, squares, averages, takes rsqrt, scales, casts back and
 multiplies by the weight: six to eight kernels per call, 65 calls per pass of the paper's 1.2B shape,
-about 20 of the 137 ms of kernel time of a sparse pass on 16K tokens (H200, `benchmarks/profile_gpu.py
+about 20 of the 137 ms of kernel time of a sparse pass on 16K tokens (H200, `benchmarks/dev/profile_gpu.py
 forward`). This kernel does each row in registers:
 
     var = sum(fp32(x)^2) * (1 / d);  y = dtype(fp32(x) * rsqrt(var + eps));  out = dtype(weight * y)
 
 The only difference from torch is the order in which the d squares are summed (torch's reduction tree
 against Triton's), so var can differ in its last fp32 bit and an output element, rarely, by one unit of
-its dtype's last place; tests/test_rmsnorm.py bounds it. `patched(model)` installs it on the norm modules
-of the families in CLASSES for the duration of a block; calls it cannot serve go to the module's own forward.
-On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_NORM=0 turns it off.
+its dtype's last place; tests/test_rmsnorm.py bounds it. `patches.fused_norm(model)` installs it on the
+Llama family's norm modules for the duration of a block; calls it cannot serve go to the module's own forward.
+On by default on CUDA when Triton is importable (`Backend.fused_norm`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-from sparsinglaw.kernels import serves, switched_on
+from sparsinglaw.kernels import serves
 
 try:
     import triton
@@ -29,14 +26,12 @@ try:
 except ImportError:  # CPU installs have no Triton: transformers' own forward serves
     triton = None
 
-# norm classes whose forward is exactly the computation above (weight * normed, eps in `variance_epsilon`)
-CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def enabled(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Use the fused kernel for these tensors: Triton present, not turned off, on a GPU (or interpreted),
     no gradient wanted."""
-    return triton is not None and serves(x, "SPARSINGLAW_FUSED_NORM", *others)
+    return triton is not None and serves(x, "fused_norm", *others)
 
 
 if triton is not None:
@@ -72,23 +67,3 @@ def apply(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | N
                                           float(eps), BD=bd, num_warps=max(1, min(16, bd // 256)),
                                           enable_fp_fusion=False)
     return out
-
-
-@contextlib.contextmanager
-def patched(model: torch.nn.Module) -> Iterator[int]:
-    """Inside this block, `model`'s RMSNorm modules of the CLASSES run through the kernel; yields how many."""
-    if triton is None or not switched_on("SPARSINGLAW_FUSED_NORM"):
-        yield 0
-        return
-    mods = [mod for mod in model.modules() if type(mod).__name__ in CLASSES and "forward" not in vars(mod)
-            and hasattr(mod, "variance_epsilon")]
-    for mod in mods:
-        def forward(x, mod=mod, own=mod.forward):
-            out = apply(x, mod.weight, mod.variance_epsilon)
-            return own(x) if out is None else out
-        mod.forward = forward
-    try:
-        yield len(mods)
-    finally:
-        for mod in mods:
-            vars(mod).pop("forward", None)

@@ -3,26 +3,24 @@
 transformers applies RoPE as `q * cos + rotate_half(q) * sin` (and the same for k) on the transposed
 (batch, heads, seq, head_dim) views of the projections: a `torch.cat` and five elementwise kernels per
 tensor, all on strided memory. On an H200 that was 26-29% of a whole sparse pass of the paper's 0.1B
-and 1.2B shapes (16K tokens: 7.7 of 26.6 ms and 35 of 137 ms of kernel time; `benchmarks/profile_gpu.py
+and 1.2B shapes (16K tokens: 7.7 of 26.6 ms and 35 of 137 ms of kernel time; `benchmarks/dev/profile_gpu.py
 forward`). This kernel reads q, k, cos and sin once and writes both outputs, one program per token.
 
 It rounds exactly where torch does: each product `x * cos`, `x * sin` is rounded to the tensors' dtype,
 then their sum is (no fused multiply-add), so the outputs equal transformers' bit for bit in bf16, fp16
-and fp32. `patched(model)` installs it, for the duration of a block, in place of the modeling module's
-`apply_rotary_pos_emb` of the families listed in FAMILIES (whose function is the standard one); any call
-it cannot serve (CPU tensors, other layouts or dtypes) goes to the original function.
-On by default on CUDA when Triton is importable; SPARSINGLAW_FUSED_ROPE=0 turns it off.
+and fp32. `patches.fused_rope(model)` installs `fused(...)`, for the duration of a block, in place of the
+modeling module's `apply_rotary_pos_emb` of the families whose function is the standard one; any call it
+cannot serve (CPU tensors, other layouts or dtypes) goes to the original function.
+On by default on CUDA when Triton is importable (`Backend.fused_rope`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from sparsinglaw.kernels import serves, switched_on
+from sparsinglaw.kernels import serves
 
 try:
     import triton
@@ -30,15 +28,12 @@ try:
 except ImportError:  # CPU installs have no Triton: transformers' own function serves
     triton = None
 
-# model_type -> transformers modeling module whose apply_rotary_pos_emb is `q * cos + rotate_half(q) * sin`
-# with cos/sin unsqueezed at dim 1 (tests/test_rope.py checks each against the kernel)
-FAMILIES = {t: f"transformers.models.{t}.modeling_{t}" for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 def enabled(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Use the fused kernel for these tensors: Triton present, not turned off, on a GPU (or interpreted),
     no gradient wanted."""
-    return triton is not None and serves(x, "SPARSINGLAW_FUSED_ROPE", *others)
+    return triton is not None and serves(x, "fused_rope", *others)
 
 
 if triton is not None:
@@ -131,26 +126,3 @@ def fused(original: Callable) -> Callable:
         return original(q, k, cos, sin, unsqueeze_dim) if out is None else out
     apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
-
-
-@contextlib.contextmanager
-def patched(model: torch.nn.Module) -> Iterator[bool]:
-    """Inside this block, `model`'s family (when in FAMILIES) applies RoPE through the fused kernel.
-
-    Yields whether it did. The patch is on the modeling module (where attention looks the function up),
-    so it is undone on exit, and nested blocks leave it as they found it.
-    """
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if triton is None or mtype not in FAMILIES or not switched_on("SPARSINGLAW_FUSED_ROPE"):
-        yield False
-        return
-    mod = importlib.import_module(FAMILIES[mtype])
-    before = getattr(mod, "apply_rotary_pos_emb", None)
-    if before is None or hasattr(before, "original"):  # not there, or already ours (a nested block)
-        yield before is not None
-        return
-    mod.apply_rotary_pos_emb = fused(before)
-    try:
-        yield True
-    finally:
-        mod.apply_rotary_pos_emb = before

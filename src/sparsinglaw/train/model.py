@@ -1,7 +1,7 @@
 """The µP Transformer the paper trains (MiniCPM style), written nanoGPT-style for speed.
 
 Llama blocks (RMSNorm, RoPE, fused causal attention, gated FFN with any activation, no biases) plus the
-µP details of SPEC section 5: embedding output × scale_emb, each residual branch × scale_depth/√L, logits
+The paper's µP details: embedding output × scale_emb, each residual branch × scale_depth/√L, logits
 ÷ (d_model/dim_model_base), tied embeddings, init std 0.1 (hidden matrices ÷ √(d_model/dim_model_base)),
 and hidden-matrix learning rates ÷ (d_model/dim_model_base) (see `param_groups`).
 

@@ -2,7 +2,7 @@
 
 All keep the paper's proportions (gated FFN d_ff = 2.5·d_model, d_model/L near 48 for the ladders);
 small presets use a smaller head size so they still have several heads. Batch sizes of the paper's
-presets are its tokens per step (SPEC section 5) at sequence length 4096, split into micro-batches
+presets are the paper's tokens per step at sequence length 4096, split into micro-batches
 that fit one H200 (gradient accumulation makes up the rest).
 """
 
@@ -28,7 +28,7 @@ class Preset:
     note: str = ""
 
 
-# 0.1B width-depth family (d_model, n_layers), SPEC section 5.
+# the paper's 0.1B width-depth family (d_model, n_layers)
 WIDTH_DEPTH_01B = [(256, 144), (384, 64), (512, 36), (768, 16), (896, 12), (1024, 9), (1152, 7), (1280, 6),
                    (1408, 5), (1536, 4), (1792, 3), (2048, 2)]
 

@@ -30,7 +30,7 @@ from sparsinglaw import models
 from sparsinglaw.console import parse_tokens  # noqa: F401 - part of sparsinglaw.train's API
 from sparsinglaw.data import Corpus, get_corpus, n_sequences
 from sparsinglaw.errors import UserError
-from sparsinglaw.io import atomic_write_json
+from sparsinglaw.io import append_jsonl, atomic_write_json
 from sparsinglaw.train.checkpoint import (
     clean_temp,
     clear_pause_state,
@@ -144,15 +144,15 @@ def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if dtype not in ("bf16", "bfloat16", "fp32", "float32"):
-        raise UserError(f"unknown dtype '{dtype}'; use auto, bf16 or fp32")
-    return "bf16" if dtype.startswith("bf") else "fp32"
+def autocast_mode(dtype: str, device: torch.device) -> str:
+    """The training precision, bf16 (autocast) or fp32, from a --dtype (`models.resolve_dtype`'s names)."""
+    dt = models.resolve_dtype(dtype, device)
+    if dt == torch.float16:
+        raise UserError("training does not support --dtype fp16; use auto, bf16 or fp32")
+    return "bf16" if dt == torch.bfloat16 else "fp32"
 
 
-def resolve_device(name: str | None, local_rank: int) -> torch.device:
+def process_device(name: str | None, local_rank: int) -> torch.device:
     """The measuring side's device rules (sparsinglaw.models), plus this process's GPU under torchrun."""
     device = models.resolve_device(name or "auto")
     if device.type == "cuda":
@@ -238,8 +238,8 @@ def _check_resume_config(saved: dict, current: dict) -> None:
                             f"({saved.get(key)} vs {current.get(key)}); use the original settings")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,
-          log: Callable[[str], Any] = print, deadline: float | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint | None = None,  # noqa: C901
+          log: Callable[[str], Any] = print, deadline: float | None = None) -> TrainResult:  # (the training loop)
     """Train a model from scratch (or resume) into `cfg.out`; returns what was done.
 
     `on_checkpoint(ckpt_dir)` runs on rank 0 after each checkpoint is complete on disk (the tracking hook);
@@ -257,8 +257,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
     rank, local_rank, world = _dist_setup()
     master = rank == 0
     say = log if master else (lambda _msg: None)
-    device = resolve_device(cfg.device, local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = process_device(cfg.device, local_rank)
+    dtype = autocast_mode(cfg.dtype, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     run_dir = Path(cfg.out)
     preset = get_preset(cfg.preset)
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_checkpoint: OnCheckpoint
                    "time": time.time()}
             result.losses.append(loss_val)
             if master:
-                _append_log(run_dir / "log.jsonl", rec)
+                append_jsonl(run_dir / "log.jsonl", rec)
                 _tb_scalars(tb, step, {"train/loss": loss_val, "train/lr": lr_t, "perf/tokens_per_s": tps,
                                        "perf/mfu": rec["mfu"]})
                 if bar is not None:
@@ -457,7 +457,7 @@ def _checkpoint(cfg: TrainConfig, run_dir: Path, raw: MuPTransformer, model: tor
         else:
             on_checkpoint(path)
     t2 = time.perf_counter()
-    _append_log(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
+    append_jsonl(run_dir / "log.jsonl", {"step": step, "tokens": tokens, "val_loss": val,
                                         "checkpoint": str(path), "checkpoint_s": t1 - t0, "hook_s": t2 - t1,
                                         "time": time.time()})
     return path, val
@@ -505,11 +505,6 @@ def hook_takes_model(hook: Callable[..., Any]) -> bool:
     return any(p.kind is p.VAR_KEYWORD or (p.name == "model" and p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                                             p.KEYWORD_ONLY))
                for p in params)
-
-
-def _append_log(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
